@@ -1,0 +1,133 @@
+"""Real servers on loopback for the tests: an HTTP server that serves GET from
+a folder and records PUT into another (optionally failing the first N PUTs),
+and a TCP server that accepts and never answers (for timeouts).
+
+Each server runs in a thread of the test process and is stopped by the test.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import socket
+import threading
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: "FileServer"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def do_GET(self):
+        path = self.server.resolve(self.path)
+        if path is None or not os.path.isfile(path):
+            self.send_error(404, "Not Found")
+            return
+        size = os.path.getsize(path)
+        self.send_response(200)
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                self.wfile.write(chunk)
+        self.server.gets.append(self.path)
+
+    def do_PUT(self):
+        length = int(self.headers.get("Content-Length", "0"))
+        remaining = length
+        data = bytearray()
+        while remaining:
+            chunk = self.rfile.read(min(remaining, 1 << 20))
+            if not chunk:
+                break
+            data += chunk
+            remaining -= len(chunk)
+        with self.server.lock:
+            self.server.put_attempts.append(self.path)
+            fail = self.server.fail_puts > 0
+            if fail:
+                self.server.fail_puts -= 1
+        if fail:
+            self.send_error(503, "Try later")
+            return
+        name = os.path.basename(self.path)
+        with open(os.path.join(self.server.upload_dir, name), "wb") as f:
+            f.write(data)
+        self.send_response(201)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+class FileServer(http.server.ThreadingHTTPServer):
+    """GET serves ``root``; PUT stores into ``upload_dir``."""
+
+    daemon_threads = True
+
+    def __init__(self, root: str, upload_dir: str, fail_puts: int = 0):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.root = root
+        self.upload_dir = upload_dir
+        self.fail_puts = fail_puts
+        self.put_attempts: list[str] = []
+        self.gets: list[str] = []
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def resolve(self, url_path: str) -> str | None:
+        rel = url_path.split("?", 1)[0].lstrip("/")
+        if ".." in rel.split("/"):
+            return None
+        return os.path.join(self.root, rel)
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
+        self.thread.join(5)
+
+
+class SilentServer:
+    """Accepts connections and never answers: a read timeout for clients."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self):
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.conns.append(conn)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join(5)
+        for conn in self.conns:
+            conn.close()
+        self.sock.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

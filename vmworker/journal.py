@@ -1,0 +1,210 @@
+"""The on-disk event log: the single source of truth of the worker.
+
+Every state change of every VM is one record appended to
+``VAR/journal/journal.log``. A record is framed LevelDB/etcd style::
+
+    <u32 little-endian payload length> <u32 crc32 of payload> <payload JSON>
+
+Appends use group commit: callers ``submit`` a record (which fixes its order)
+and then ``wait`` until it is durable; whoever waits first writes and fsyncs
+every record queued so far, so concurrent requests share one fsync. A request
+is answered only after ``wait`` returns.
+
+Replay reads records until the end. A record cut short at the end of the file
+(a crash mid-append) is a torn tail: its bytes are kept in a ``.broken`` file
+beside the log and the log is truncated to the last whole record. A record
+whose checksum is wrong while more data follows it is corruption, not a torn
+tail: replay refuses with the file and offset, for an operator to inspect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from typing import Iterator
+
+from .errors import JournalCorrupt, JournalError
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct("<II")
+MAX_RECORD = 16 << 20  # a record is a small JSON object; more is damage
+
+
+def frame(record: dict) -> bytes:
+    payload = json.dumps(record, separators=(",", ":"),
+                         sort_keys=True).encode()
+    return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def parse(data: bytes, path: str = "<bytes>") -> tuple[list[dict], int]:
+    """Decode whole records from ``data``.
+
+    Returns the records and the offset where the valid prefix ends. A bad
+    record at the very end (short header, short payload, or bad checksum on
+    the last record) ends the prefix; a bad record followed by more bytes
+    raises JournalCorrupt.
+    """
+    records: list[dict] = []
+    offset = 0
+    end = len(data)
+    while offset < end:
+        if end - offset < HEADER.size:
+            break  # torn header
+        length, crc = HEADER.unpack_from(data, offset)
+        body_start = offset + HEADER.size
+        body_end = body_start + length
+        if length > MAX_RECORD:
+            raise JournalCorrupt(
+                f"journal {path} is corrupt at offset {offset}: record length "
+                f"{length} is impossible")
+        if body_end > end:
+            break  # torn payload
+        payload = data[body_start:body_end]
+        if zlib.crc32(payload) != crc:
+            if body_end == end:
+                break  # the last record was torn mid-write
+            raise JournalCorrupt(
+                f"journal {path} is corrupt at offset {offset}: checksum "
+                f"mismatch with {end - body_end} bytes after it")
+        try:
+            records.append(json.loads(payload))
+        except ValueError as err:
+            raise JournalCorrupt(
+                f"journal {path} is corrupt at offset {offset}: "
+                f"checksummed record is not JSON ({err})") from err
+        offset = body_end
+    return records, offset
+
+
+class Journal:
+    """Append-only, fsync'd, group-committed log of VM events."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.path = os.path.join(directory, "journal.log")
+        self._cond = threading.Condition()
+        self._queue: list[bytes] = []
+        self._submitted = 0
+        self._durable = 0
+        self._flushing = False
+        self._failed: BaseException | None = None
+        self._fd: int | None = None
+
+    # -- start-up -----------------------------------------------------------
+
+    def replay(self) -> list[dict]:
+        """Read every whole record, repair a torn tail, open for appends."""
+        os.makedirs(self.directory, exist_ok=True)
+        started = time.monotonic()
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        records, valid = parse(data, self.path)
+        if valid < len(data):
+            self._keep_torn_tail(data[valid:], valid)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                           0o600)
+        if valid < len(data):
+            os.ftruncate(self._fd, valid)
+            os.fsync(self._fd)
+        _fsync_dir(self.directory)
+        log.info("journal: replayed %d records (%d bytes) in %.1f ms",
+                 len(records), valid, (time.monotonic() - started) * 1000)
+        return records
+
+    def _keep_torn_tail(self, tail: bytes, offset: int) -> None:
+        broken = f"{self.path}.{int(time.time())}.broken"
+        with open(broken, "wb") as f:
+            f.write(tail)
+            f.flush()
+            os.fsync(f.fileno())
+        log.warning("journal: torn tail of %d bytes at offset %d kept in %s "
+                    "and truncated", len(tail), offset, broken)
+
+    # -- appends ------------------------------------------------------------
+
+    def submit(self, record: dict) -> int:
+        """Queue a record; its place in the log is fixed now. Returns a ticket."""
+        data = frame(record)
+        with self._cond:
+            if self._failed is not None:
+                raise JournalError(
+                    f"the journal cannot be written ({self._failed}); the "
+                    "worker refuses state changes until it is restarted")
+            self._queue.append(data)
+            self._submitted += 1
+            return self._submitted
+
+    def wait(self, ticket: int) -> None:
+        """Return once the record behind ``ticket`` is on disk (fsync'd)."""
+        with self._cond:
+            while self._durable < ticket:
+                if self._failed is not None:
+                    raise JournalError(
+                        f"journal write failed ({self._failed}); the change "
+                        "was not recorded")
+                if self._flushing:
+                    self._cond.wait()
+                    continue
+                self._flush_locked()
+
+    def append(self, record: dict) -> None:
+        self.wait(self.submit(record))
+
+    def _flush_locked(self) -> None:
+        """Write and fsync everything queued; called with the lock held."""
+        self._flushing = True
+        batch, self._queue = self._queue, []
+        upto = self._submitted
+        self._cond.release()
+        error: OSError | None = None
+        try:
+            data = b"".join(batch)
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            os.fsync(self._fd)
+        except OSError as err:
+            error = err
+        finally:
+            self._cond.acquire()
+            self._flushing = False
+            if error is not None:
+                self._failed = error
+                log.error("journal: write failed, refusing further changes: %s",
+                          error)
+            else:
+                self._durable = upto
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            if self._queue and self._failed is None:
+                self._flush_locked()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+def read_records(path: str) -> Iterator[dict]:
+    """Read-only iteration over a journal file (for tools and the web UI)."""
+    with open(path, "rb") as f:
+        records, _ = parse(f.read(), path)
+    return iter(records)
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,200 @@
+"""Saving a halted VM's disks to the targets the master chose.
+
+Each disk with a save target gets up to three tries, each journaled with
+its error, with a pause between tries. A file target is written under a
+temporary name, fsync'd, renamed in and its folder fsync'd, so a half
+written file never passes for a saved image; HTTP(S) targets get a streamed
+PUT (2xx required), FTP targets a STOR. If every try fails the disk is moved
+to ``VAR/failed_to_save/<name>-<uuid>/`` with a JSON sidecar: an image is
+never lost.
+"""
+
+from __future__ import annotations
+
+import ftplib
+import hashlib
+import json
+import logging
+import os
+import time
+from urllib.parse import unquote, urlsplit
+
+import requests
+
+from . import validation
+from .errors import VMWorkerError
+
+log = logging.getLogger(__name__)
+
+TRIES = 3
+CHUNK = 1 << 20
+
+
+class SaveError(VMWorkerError):
+    pass
+
+
+class SaveJob:
+    def __init__(self, service, uuid: str, backoff: float = 1.0):
+        self.service = service
+        self.uuid = uuid
+        self.backoff = backoff
+
+    def run(self) -> None:
+        svc = self.service
+        vm = svc.get(self.uuid)
+        errors: dict[str, list[str]] = {}
+        for slot in vm.pending_saves:
+            errors[slot] = []
+            image = vm.images.get(slot)
+            path = str(image["path"]) if image else ""
+            first_try = int(vm.save_tries.get(slot, 0)) + 1
+            for attempt in range(first_try, TRIES + 1):
+                if svc.cancelled(self.uuid):
+                    return
+                target = svc.get(self.uuid).save_to[slot]  # the latest
+                svc.commit(self.uuid, "save_attempt", slot=slot, target=target,
+                           **{"try": attempt})
+                svc.report_progress(self.uuid, f"saving {slot} (try {attempt})",
+                                    0, _size(path))
+                try:
+                    upload(path, target, svc.cfg.roots,
+                           timeout=(svc.cfg.fetch_connect_timeout,
+                                    svc.cfg.fetch_read_timeout))
+                except SaveError as err:
+                    errors[slot].append(str(err))
+                    svc.commit(self.uuid, "save_attempt", slot=slot,
+                               target=target, error=str(err),
+                               **{"try": attempt})
+                    log.warning("VM %s: saving %s, try %d of %d failed: %s",
+                                vm.label, slot, attempt, TRIES, err)
+                    if attempt < TRIES:
+                        time.sleep(self.backoff * attempt)
+                    continue
+                svc.commit(self.uuid, "saved", slot=slot, target=target)
+                log.info("VM %s: %s saved to %s", vm.label, slot, target)
+                break
+        vm = svc.get(self.uuid)
+        if vm.pending_saves:
+            self._keep_failed(vm, errors)
+
+    def _keep_failed(self, vm, errors: dict[str, list[str]]) -> None:
+        """Move the unsaved disks to failed_to_save, with a sidecar."""
+        svc = self.service
+        folder = os.path.join(svc.layout.failed_to_save, f"{vm.name}-{vm.uuid}")
+        os.makedirs(folder, exist_ok=True)
+        kept = {}
+        for slot in vm.pending_saves:
+            image = vm.images.get(slot)
+            if not image:
+                continue
+            src = str(image["path"])
+            dest = os.path.join(folder, f"{slot}.{image['format']}")
+            if os.path.exists(src):
+                os.replace(src, dest)
+            kept[slot] = {"path": dest, "target": vm.save_to[slot],
+                          "format": image["format"], "size": _size(dest),
+                          "sha256": _sha256(dest), "errors": errors.get(slot, [])}
+        sidecar = os.path.join(folder, "failed_to_save.json")
+        tmp = sidecar + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"uuid": vm.uuid, "name": vm.name, "images": kept}, f,
+                      indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, sidecar)
+        _fsync_dir(folder)
+        where = "; ".join(f"{slot} kept in {info['path']}"
+                          for slot, info in kept.items())
+        svc.commit(vm.uuid, "save_failed",
+                   reason=f"saving failed {TRIES} times; {where}")
+        log.error("VM %s: failed to save; %s", vm.label, where)
+
+
+def upload(path: str, target: str, roots, *, timeout) -> None:
+    """Copy one image to its target; raise SaveError with the cause."""
+    if not os.path.isfile(path):
+        raise SaveError(f"the image {path} is missing")
+    local = validation.local_path(target, "save_to")
+    try:
+        if local is not None:
+            _save_file(path, local, roots)
+            return
+        scheme = urlsplit(target).scheme.lower()
+        if scheme in ("http", "https"):
+            _save_http(path, target, timeout)
+        elif scheme == "ftp":
+            _save_ftp(path, target, sum(timeout))
+        else:
+            raise SaveError(f"unsupported target {target}")
+    except requests.RequestException as err:
+        raise SaveError(f"PUT {target} failed: {err}") from err
+    except (ftplib.Error, EOFError) as err:
+        raise SaveError(f"FTP STOR {target} failed: {err}") from err
+    except OSError as err:
+        raise SaveError(f"writing {target} failed: {err.strerror or err}") from err
+
+
+def _save_file(path: str, dest: str, roots) -> None:
+    folder = os.path.dirname(dest)
+    # Checked at use: the folder (or a symlink in it) may have changed.
+    if not validation.inside(folder, roots):
+        raise SaveError(f"{dest} is outside the storage roots")
+    tmp = os.path.join(folder, f".{os.path.basename(dest)}.{os.getpid()}.part")
+    try:
+        with open(path, "rb") as src, open(tmp, "wb") as dst:
+            while chunk := src.read(CHUNK):
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if os.path.getsize(tmp) != os.path.getsize(path):
+            raise SaveError(f"short write to {dest}")
+        os.replace(tmp, dest)
+        _fsync_dir(folder)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _save_http(path: str, target: str, timeout) -> None:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        resp = requests.put(target, data=f, timeout=timeout,
+                            headers={"Content-Length": str(size),
+                                     "Content-Type": "application/octet-stream"})
+    if not 200 <= resp.status_code < 300:
+        raise SaveError(f"PUT {target} answered HTTP {resp.status_code} "
+                        f"{resp.reason}")
+
+
+def _save_ftp(path: str, target: str, timeout: float) -> None:
+    parts = urlsplit(target)
+    with ftplib.FTP(timeout=timeout) as ftp:
+        ftp.connect(parts.hostname, parts.port or 21)
+        ftp.login(unquote(parts.username or "anonymous"),
+                  unquote(parts.password or "anonymous@"))
+        with open(path, "rb") as f:
+            ftp.storbinary(f"STOR {unquote(parts.path)}", f, CHUNK)
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
