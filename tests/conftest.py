@@ -47,6 +47,8 @@ class Worker:
             "qemu_start_timeout = 30.0\n"
             "fetch_connect_timeout = 2.0\n"
             "fetch_read_timeout = 2.0\n"
+            # Tests run many 1-vCPU guests on 2 host CPUs.
+            "cpu_overcommit = 16.0\n"
             + extra_config)
         self.proc: subprocess.Popen | None = None
         self.session = requests.Session()

@@ -11,6 +11,7 @@ import http.server
 import os
 import socket
 import threading
+import time
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -21,6 +22,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):
+        # While ``hold`` is set, downloads hang (bounded) as on a stuck server.
+        for _ in range(600):
+            if not self.server.hold.is_set():
+                break
+            time.sleep(0.05)
         path = self.server.resolve(self.path)
         if path is None or not os.path.isfile(path):
             self.send_error(404, "Not Found")
@@ -73,6 +79,7 @@ class FileServer(http.server.ThreadingHTTPServer):
         self.put_attempts: list[str] = []
         self.gets: list[str] = []
         self.lock = threading.Lock()
+        self.hold = threading.Event()
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
 
     def resolve(self, url_path: str) -> str | None:
@@ -89,6 +96,7 @@ class FileServer(http.server.ThreadingHTTPServer):
         return self
 
     def __exit__(self, *exc):
+        self.hold.clear()
         self.shutdown()
         self.server_close()
         self.thread.join(5)
