@@ -61,12 +61,12 @@ def decide(vm: VMRecord, obs: Observation, *, job_active: bool,
             return [Action(Kind.KILL, "QEMU still runs after the halt")]
         return [Action(Kind.RUN_SAVE_JOB)]
     # installing, running, suspended: a process must be alive.
+    if obs.runstate == "shutdown" and obs.guest_shutdown:
+        return [Action(Kind.HALT, "guest poweroff")]
     if not obs.alive:
         detail = f": {obs.exit_detail}" if obs.exit_detail else ""
         return [Action(Kind.HALT, f"QEMU exited unexpectedly{detail}")]
     if obs.runstate == "shutdown":
-        if obs.guest_shutdown:
-            return [Action(Kind.HALT, "guest poweroff")]
         detail = obs.exit_detail or "shutdown requested"
         return [Action(Kind.HALT, f"shutdown ({detail})")]
     if obs.runstate in CRASH_RUNSTATES:

@@ -174,8 +174,7 @@ class VMService:
         with self.vm_lock(uuid):
             vm = self.get(uuid)
             state.check(vm, "destroyed", "destroy")
-            vm = self.commit(uuid, "destroyed")
-            self._cancel_job(uuid)
+            vm = self.commit(uuid, "destroyed")  # jobs see it and stop
             if vm.pid is not None:
                 self.driver.kill(uuid, Handle(vm.pid, vm.create_time or 0.0),
                                  self.cfg.qemu_stop_timeout)
@@ -249,9 +248,6 @@ class VMService:
         with self._lock:
             vm = self._vms.get(uuid)
             return vm is None or vm.status is Status.DESTROYED
-
-    def _cancel_job(self, uuid: str) -> None:
-        self.wakeup.set()  # jobs poll ``cancelled`` between steps
 
     def remove_folder(self, uuid: str) -> None:
         shutil.rmtree(self.layout.vm(uuid).folder, ignore_errors=True)

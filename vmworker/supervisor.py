@@ -70,13 +70,10 @@ class Supervisor:
         if handle is None:
             return Observation(alive=False)
         if (vm.status in LIVE_PROCESS and vm.status is not Status.STARTING
-                and not job_active and self.driver.hub.state(vm.uuid) is None):
+                and not job_active and not self.driver.attached(vm.uuid)):
             # First sight since the worker started: adopt, or find it gone.
             self.driver.adopt(vm.uuid, self.service.layout.vm(vm.uuid), handle)
-        obs = self.driver.observe(vm.uuid, handle)
-        if obs.alive and not self.driver.owns(vm.uuid, handle):
-            return Observation(alive=False)  # a recycled pid is not our VM
-        return obs
+        return self.driver.observe(vm.uuid, handle)
 
     def _apply(self, vm: VMRecord, action: Action) -> None:
         svc = self.service
@@ -106,7 +103,7 @@ class Supervisor:
             svc.commit(uuid, "resumed")
         elif action.kind is Kind.CLEAN_UP:
             svc.remove_folder(uuid)
-            svc.driver.hub.forget(uuid)
+            svc.driver.forget(uuid)
             self._settled.add(uuid)
 
 

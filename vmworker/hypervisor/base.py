@@ -75,6 +75,14 @@ class Driver(abc.ABC):
         """Reattach to a VM that outlived a worker; False if it is gone."""
 
     @abc.abstractmethod
+    def attached(self, uuid: str) -> bool:
+        """Whether this driver holds the VM's monitors (started or adopted)."""
+
+    @abc.abstractmethod
+    def owns(self, uuid: str, handle: Handle) -> bool:
+        """Whether ``handle`` is this VM's live process (never a recycled pid)."""
+
+    @abc.abstractmethod
     def observe(self, uuid: str, handle: Handle | None) -> Observation:
         """What the VM's process is doing now (cheap: no blocking calls)."""
 
@@ -97,8 +105,16 @@ class Driver(abc.ABC):
         """Insert a medium in the CD drive, or eject it with None."""
 
     @abc.abstractmethod
+    def quit(self, uuid: str, paths: VMPaths, handle: Handle, timeout: float) -> None:
+        """Stop the process cleanly (disks flushed and closed), else kill it."""
+
+    @abc.abstractmethod
     def kill(self, uuid: str, handle: Handle, timeout: float) -> None:
-        """Stop the process (SIGTERM, then SIGKILL) and reap it."""
+        """Kill the process at once (if it is this VM's) and reap it."""
+
+    @abc.abstractmethod
+    def forget(self, uuid: str) -> None:
+        """Drop the VM's monitors and what they reported (the VM ended)."""
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -10,7 +10,6 @@ its pid, its create time and the ``-uuid`` on its command line all match.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -108,6 +107,8 @@ class QemuDriver(Driver):
         # pid -> create time of processes we spawned and must reap.
         self._children: dict[int, float] = {}
         self._children_lock = threading.Lock()
+        # pid -> how a reaped child ended, for halt reasons.
+        self._exits: dict[int, str] = {}
         log.info("QEMU driver: %s, accel=%s", self.binary, self.accel)
 
     # -- life cycle ---------------------------------------------------------
@@ -198,16 +199,27 @@ class QemuDriver(Driver):
             return False
         return any(a == "-uuid" and b == uuid for a, b in zip(argv, argv[1:]))
 
+    def attached(self, uuid: str) -> bool:
+        return self.hub.state(uuid) is not None
+
+    def forget(self, uuid: str) -> None:
+        self.hub.forget(uuid)
+
     def observe(self, uuid: str, handle: Handle | None) -> Observation:
         if handle is None:
             return Observation(alive=False)
-        self._reap(handle.pid)
-        alive = self._alive(handle)
+        alive = self.owns(uuid, handle)
+        if not alive:
+            self._reap(handle.pid)
         state = self.hub.state(uuid)
         if state is None:
-            return Observation(alive=alive)
-        return Observation(alive=alive and state.connected,
-                           runstate=state.runstate,
+            return Observation(alive=alive,
+                               exit_detail=self._exits.get(handle.pid, ""))
+        if not alive or not state.connected:
+            return Observation(alive=False, runstate=state.runstate,
+                               guest_shutdown=state.guest_shutdown,
+                               exit_detail=self._exits.get(handle.pid, ""))
+        return Observation(alive=True, runstate=state.runstate,
                            guest_shutdown=state.guest_shutdown,
                            exit_detail=state.shutdown_reason)
 
@@ -244,7 +256,7 @@ class QemuDriver(Driver):
         self.hub.forget(uuid)
         if not self.owns(uuid, handle):
             self._reap(handle.pid)
-            return
+            return  # gone already, or a recycled pid: never signalled
         try:
             os.kill(handle.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -279,18 +291,23 @@ class QemuDriver(Driver):
             return False
 
     def _reap(self, pid: int) -> None:
-        """Collect an exited child (ours, or an orphan we subreap)."""
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            done = pid  # not our child: PID 1 reaps it
-        except OSError as err:
-            if err.errno != errno.EINTR:
-                raise
-            return
-        if done == pid:
-            with self._children_lock:
-                self._children.pop(pid, None)
+        """Collect an exited QEMU that this worker spawned.
+
+        Only pids we spawned are waited for: waiting on any other pid could
+        steal the exit status of an unrelated child (a qemu-img run).
+        """
+        with self._children_lock:
+            if pid not in self._children:
+                return
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            except InterruptedError:
+                return
+            if done == pid:
+                del self._children[pid]
+                self._exits[pid] = _describe_exit(status)
 
     def _wait_gone(self, handle: Handle, timeout: float, kill_after=True) -> bool:
         deadline = time.monotonic() + timeout
@@ -304,6 +321,14 @@ class QemuDriver(Driver):
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
         return True
+
+
+def _describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    if os.WIFEXITED(status):
+        return f"exit status {os.WEXITSTATUS(status)}"
+    return ""
 
 
 def _exit_message(paths: VMPaths) -> str:
