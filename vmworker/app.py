@@ -160,7 +160,7 @@ class ServicePlugin(plugins.SimplePlugin):
     def stop(self):
         self.service.shutdown()
 
-    stop.priority = 20  # after the supervisor has stopped
+    stop.priority = 60  # after the HTTP server and the supervisor
 
 
 class Root:

@@ -19,6 +19,7 @@ tail: replay refuses with the file and offset, for an operator to inspect.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -59,15 +60,25 @@ def parse(data: bytes, path: str = "<bytes>") -> tuple[list[dict], int]:
         length, crc = HEADER.unpack_from(data, offset)
         body_start = offset + HEADER.size
         body_end = body_start + length
+        if length == 0:  # frame() never writes an empty payload
+            if _only_zeros(data, offset):
+                break  # zero-filled tail: the file grew, its data never landed
+            raise JournalCorrupt(
+                f"journal {path} is corrupt at offset {offset}: empty record")
         if length > MAX_RECORD:
             raise JournalCorrupt(
                 f"journal {path} is corrupt at offset {offset}: record length "
                 f"{length} is impossible")
         if body_end > end:
+            if _record_follows(data, body_start):
+                raise JournalCorrupt(
+                    f"journal {path} is corrupt at offset {offset}: record "
+                    f"length {length} runs past the end of the file, but "
+                    "whole records follow it")
             break  # torn payload
         payload = data[body_start:body_end]
         if zlib.crc32(payload) != crc:
-            if body_end == end:
+            if body_end == end or _only_zeros(data, body_end):
                 break  # the last record was torn mid-write
             raise JournalCorrupt(
                 f"journal {path} is corrupt at offset {offset}: checksum "
@@ -80,6 +91,21 @@ def parse(data: bytes, path: str = "<bytes>") -> tuple[list[dict], int]:
                 f"checksummed record is not JSON ({err})") from err
         offset = body_end
     return records, offset
+
+
+def _only_zeros(data: bytes, start: int) -> bool:
+    return data.count(0, start) == len(data) - start
+
+
+def _record_follows(data: bytes, start: int) -> bool:
+    """Whether a whole, checksummed record starts anywhere after ``start``."""
+    end = len(data)
+    for pos in range(start, end - HEADER.size + 1):
+        length, crc = HEADER.unpack_from(data, pos)
+        body = pos + HEADER.size
+        if 0 < length <= end - body and zlib.crc32(data[body:body + length]) == crc:
+            return True
+    return False
 
 
 class Journal:
@@ -95,6 +121,7 @@ class Journal:
         self._flushing = False
         self._failed: BaseException | None = None
         self._fd: int | None = None
+        self._closed = False
 
     # -- start-up -----------------------------------------------------------
 
@@ -121,8 +148,15 @@ class Journal:
         return records
 
     def _keep_torn_tail(self, tail: bytes, offset: int) -> None:
-        broken = f"{self.path}.{int(time.time())}.broken"
-        with open(broken, "wb") as f:
+        base = f"{self.path}.{int(time.time())}"
+        for n in itertools.count():
+            broken = f"{base}.broken" if n == 0 else f"{base}.{n}.broken"
+            try:
+                f = open(broken, "xb")
+            except FileExistsError:
+                continue
+            break
+        with f:
             f.write(tail)
             f.flush()
             os.fsync(f.fileno())
@@ -135,6 +169,9 @@ class Journal:
         """Queue a record; its place in the log is fixed now. Returns a ticket."""
         data = frame(record)
         with self._cond:
+            if self._closed:
+                raise JournalError("the journal is closed (the worker is "
+                                   "stopping); the change was not recorded")
             if self._failed is not None:
                 raise JournalError(
                     f"the journal cannot be written ({self._failed}); the "
@@ -165,7 +202,7 @@ class Journal:
         batch, self._queue = self._queue, []
         upto = self._submitted
         self._cond.release()
-        error: OSError | None = None
+        error: Exception | None = None
         try:
             data = b"".join(batch)
             view = memoryview(data)
@@ -173,7 +210,7 @@ class Journal:
                 written = os.write(self._fd, view)
                 view = view[written:]
             os.fsync(self._fd)
-        except OSError as err:
+        except Exception as err:  # not only OSError: never count it durable
             error = err
         finally:
             self._cond.acquire()
@@ -188,6 +225,9 @@ class Journal:
 
     def close(self) -> None:
         with self._cond:
+            self._closed = True
+            while self._flushing:
+                self._cond.wait()
             if self._queue and self._failed is None:
                 self._flush_locked()
             if self._fd is not None:

@@ -111,7 +111,8 @@ def check(vm: VMRecord, event_type: str, action: str | None = None) -> None:
     """Refuse an event the VM's status does not allow (409 for requests)."""
     allowed = ALLOWED[event_type]
     if vm.status not in allowed:
-        raise WrongState(vm.label, action or event_type, vm.status.value,
+        raise WrongState(vm.label, action or f"apply {event_type!r} to",
+                         vm.status.value,
                          sorted(s.value for s in allowed))
 
 

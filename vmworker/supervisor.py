@@ -150,4 +150,4 @@ class SupervisorPlugin(plugins.SimplePlugin):
             self._thread = None
         self.bus.log("Supervisor stopped")
 
-    stop.priority = 10
+    stop.priority = 55  # after the HTTP server stopped taking requests

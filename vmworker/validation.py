@@ -104,8 +104,17 @@ def boolean(value: str | None, key: str) -> bool | None:
 def _clean_text(value: str, key: str) -> None:
     if "\x00" in value or "\n" in value or "\r" in value:
         raise BadRequest(f"{key} must not contain NUL or line breaks")
+
     if len(value) > MAX_URI:
         raise BadRequest(f"{key} is longer than {MAX_URI} characters")
+
+
+def _split(value: str, key: str):
+    try:
+        return urlsplit(value)
+    except ValueError as err:
+        raise BadRequest(f"{key} {value[:80]!r} is not a valid URI "
+                         f"({err})") from None
 
 
 def local_path(uri: str, key: str) -> str | None:
@@ -113,7 +122,7 @@ def local_path(uri: str, key: str) -> str | None:
     if uri.startswith("/"):
         path = uri
     elif uri.lower().startswith("file:"):
-        parts = urlsplit(uri)
+        parts = _split(uri, key)
         if parts.netloc not in ("", "localhost"):
             raise BadRequest(f"{key}: file URIs must name a local path "
                              f"(file:///...), not host {parts.netloc!r}")
@@ -137,6 +146,8 @@ def inside(path: str, roots: Iterable[str]) -> bool:
 def uri(value: str, key: str, roots: Iterable[str], *, target: bool = False) -> str:
     """Check an image source (or, with ``target``, a save target) URI."""
     _clean_text(value, key)
+    if value != value.strip():
+        raise BadRequest(f"{key} must not start or end with spaces")
     roots = tuple(roots)
     path = local_path(value, key)
     if path is not None:
@@ -150,10 +161,12 @@ def uri(value: str, key: str, roots: Iterable[str], *, target: bool = False) -> 
                                  "does not exist")
             if os.path.isdir(path):
                 raise BadRequest(f"{key}: {path!r} is a folder, not a file")
+        elif os.path.isdir(path):
+            raise BadRequest(f"{key}: {path!r} is a folder, not a file")
         elif not os.path.isfile(path):
             raise BadRequest(f"{key}: no such file {path!r}")
         return value
-    parts = urlsplit(value)
+    parts = _split(value, key)
     scheme = parts.scheme.lower()
     if scheme not in REMOTE_SCHEMES:
         raise BadRequest(

@@ -209,9 +209,16 @@ class QemuDriver(Driver):
         if handle is None:
             return Observation(alive=False)
         alive = self.owns(uuid, handle)
-        if not alive:
-            self._reap(handle.pid)
         state = self.hub.state(uuid)
+        monitor_closed = state is not None and not state.connected
+        # An exiting QEMU has closed its monitor, or already lost its
+        # command line while its pid and create time still match: give it
+        # a moment to finish, so that its exit status can be told.
+        if (alive and monitor_closed) or (not alive and self._alive(handle)):
+            self._wait_gone(handle, 0.5, kill_after=False)
+            alive = False
+        if not alive:
+            self._reap(handle.pid, wait=0.5)
         if state is None:
             return Observation(alive=alive,
                                exit_detail=self._exits.get(handle.pid, ""))
@@ -262,6 +269,7 @@ class QemuDriver(Driver):
         except ProcessLookupError:
             pass
         self._wait_gone(handle, timeout)
+        self._reap(handle.pid, wait=1.0)
 
     def quit(self, uuid: str, paths: VMPaths, handle: Handle, timeout: float) -> None:
         """Let QEMU close its disks cleanly (QMP ``quit``), else kill it."""
@@ -290,24 +298,34 @@ class QemuDriver(Driver):
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             return False
 
-    def _reap(self, pid: int) -> None:
+    def _reap(self, pid: int, wait: float = 0.0) -> None:
         """Collect an exited QEMU that this worker spawned.
 
         Only pids we spawned are waited for: waiting on any other pid could
-        steal the exit status of an unrelated child (a qemu-img run).
+        steal the exit status of an unrelated child (a qemu-img run). A
+        multi-threaded process shows as a zombie before it can be reaped
+        (its threads are still exiting), hence the short ``wait``.
         """
-        with self._children_lock:
-            if pid not in self._children:
+        deadline = time.monotonic() + wait
+        delay = 0.001
+        while True:
+            with self._children_lock:
+                if pid not in self._children:
+                    return
+                try:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done, status = pid, 0
+                except InterruptedError:
+                    done = 0
+                if done == pid:
+                    del self._children[pid]
+                    self._exits[pid] = _describe_exit(status)
+                    return
+            if time.monotonic() >= deadline:
                 return
-            try:
-                done, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done, status = pid, 0
-            except InterruptedError:
-                return
-            if done == pid:
-                del self._children[pid]
-                self._exits[pid] = _describe_exit(status)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     def _wait_gone(self, handle: Handle, timeout: float, kill_after=True) -> bool:
         deadline = time.monotonic() + timeout
