@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -31,14 +32,44 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if path is None or not os.path.isfile(path):
             self.send_error(404, "Not Found")
             return
-        size = os.path.getsize(path)
-        self.send_response(200)
-        self.send_header("Content-Length", str(size))
+        st = os.stat(path)
+        etag = f'"{st.st_size:x}-{st.st_mtime_ns:x}"'
+        if self.headers.get("If-None-Match") == etag:
+            self.server.gets.append((self.path, 304))
+            self.send_response(304)
+            self.send_header("ETag", etag)
+            self.end_headers()
+            return
+        start = 0
+        wanted = self.headers.get("Range", "")
+        if wanted.startswith("bytes=") and wanted.endswith("-"):
+            start = int(wanted[6:-1])
+        size = st.st_size
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(size - start))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", etag)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
         self.end_headers()
+        with self.server.lock:
+            drop = self.server.drop_after
+            self.server.drop_after = None  # drop one connection only
+        self.server.gets.append((self.path, 206 if start else 200))
         with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
+            f.seek(start)
+            sent = 0
+            while chunk := f.read(1 << 16):
+                if drop is not None and sent + len(chunk) > drop:
+                    self.wfile.write(chunk[:drop - sent])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 self.wfile.write(chunk)
-        self.server.gets.append(self.path)
+                sent += len(chunk)
+                if self.server.slow:
+                    time.sleep(self.server.slow)
 
     def do_PUT(self):
         length = int(self.headers.get("Content-Length", "0"))
@@ -80,6 +111,10 @@ class FileServer(http.server.ThreadingHTTPServer):
         self.gets: list[str] = []
         self.lock = threading.Lock()
         self.hold = threading.Event()
+        #: Cut the next GET's connection after this many body bytes.
+        self.drop_after: int | None = None
+        #: Seconds to sleep after each 64 KiB sent (a slow download).
+        self.slow = 0.0
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
 
     def resolve(self, url_path: str) -> str | None:
@@ -99,6 +134,43 @@ class FileServer(http.server.ThreadingHTTPServer):
         self.hold.clear()
         self.shutdown()
         self.server_close()
+        self.thread.join(5)
+
+
+class FTPServer:
+    """pyftpdlib on loopback: anonymous read and write in ``root``."""
+
+    def __init__(self, root: str):
+        from pyftpdlib.authorizers import DummyAuthorizer
+        from pyftpdlib.handlers import FTPHandler
+        from pyftpdlib.servers import ThreadedFTPServer
+
+        authorizer = DummyAuthorizer()
+        with warnings.catch_warnings():
+            # Anonymous writes are the point of this loopback test server.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            authorizer.add_anonymous(root, perm="elradfmw")
+        handler = type("Handler", (FTPHandler,), {"authorizer": authorizer,
+                                                  "passive_ports": None})
+        self.root = root
+        self.server = ThreadedFTPServer(("127.0.0.1", 0), handler)
+        self.port = self.server.address[1]
+        self.thread = threading.Thread(
+            target=self.server.serve_forever,
+            kwargs={"timeout": 0.2, "blocking": True, "handle_exit": False},
+            daemon=True)
+
+    def url(self, name: str) -> str:
+        return f"ftp://127.0.0.1:{self.port}/{name}"
+
+    def __enter__(self):
+        import logging
+        logging.getLogger("pyftpdlib").setLevel(logging.WARNING)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.close_all()
         self.thread.join(5)
 
 

@@ -85,6 +85,7 @@ def test_minimal_start_is_normalised(st):
         "hda_image": str(st.hda), "hdb_image": "", "cd_image": "",
         "hda_save_to": "", "hdb_save_to": "",
         "run_agent": False, "soft_list": "", "uuid": "",
+        "hda_image_sha256": "", "hdb_image_sha256": "", "cd_image_sha256": "",
     }
 
 

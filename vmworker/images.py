@@ -1,21 +1,27 @@
-"""Getting a VM's images onto this host, and knowing what they are.
+"""Moving image bytes onto this host, and qemu-img's part in it.
 
-An image is fetched from a path inside the storage roots, ``file://``,
-``http(s)://`` or ``ftp://`` into the VM's folder under a temporary name,
-fsync'd and renamed in, so a crash never leaves a partial file that passes
-for an image. Its format is then probed once with ``qemu-img info`` (under
-resource limits: a crafted image must not hang the worker) and passed
-explicitly to QEMU from then on: QEMU never guesses (CVE-2008-2004). Images
-that point at other files (backing file, external data file) are refused.
+``download`` copies a source (a path inside the storage roots, ``file://``,
+``http(s)://``, ``ftp://``) into a local file, hashing as it goes, resuming
+an HTTP transfer with ``Range`` when the connection drops. ``probe`` asks
+``qemu-img info`` (under resource limits: a crafted image must not hang
+the worker) what an image is and refuses images that point at other files
+(backing file, external data file). ``create_overlay`` and ``flatten``
+make a VM's copy-on-write disk and turn it back into a self-contained
+image. The format is always passed explicitly: QEMU never guesses
+(CVE-2008-2004).
+
+Foreign errors (requests, ftplib, OSError, qemu-img's exit) become
+``ImageError`` here, with a sentence a person can act on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ftplib
+import hashlib
 import json
 import os
 import resource
-import shutil
 import subprocess
 from typing import Callable
 from urllib.parse import unquote, urlsplit
@@ -26,13 +32,46 @@ from . import validation
 from .errors import ImageError
 
 CHUNK = 1 << 20
+# Bytes read from a response at a time: on a dropped connection at most
+# this much is lost before resuming.
+HTTP_CHUNK = 1 << 16
+RESUMES = 5
 Progress = Callable[[int, int | None], None]
 
 
-def fetch(uri: str, dest: str, partial: str, *, roots, connect_timeout: float,
-          read_timeout: float, progress: Progress | None = None) -> int:
-    """Fetch ``uri`` to ``dest`` atomically; return its size in bytes."""
-    progress = progress or (lambda done, total: None)
+@dataclasses.dataclass
+class Validator:
+    """What tells whether a cached copy is still the source's content."""
+
+    size: int | None = None
+    etag: str = ""
+    last_modified: str = ""
+    mtime_ns: int = 0
+
+
+@dataclasses.dataclass
+class Downloaded:
+    size: int
+    sha256: str
+    validator: Validator
+
+
+class NotModified(Exception):
+    """The source still has the content the cache holds (HTTP 304)."""
+
+
+def _no_progress(done: int, total: int | None) -> None:
+    pass
+
+
+def download(uri: str, dest: str, *, roots, timeout: tuple[float, float],
+             progress: Progress = _no_progress,
+             known: Validator | None = None) -> Downloaded:
+    """Write the content of ``uri`` to ``dest`` (fsync'd); hash it.
+
+    With ``known`` (what the cache holds), raise NotModified instead when
+    the source says its content did not change.
+    """
     try:
         local = validation.local_path(uri, "image")
         if local is not None:
@@ -40,105 +79,167 @@ def fetch(uri: str, dest: str, partial: str, *, roots, connect_timeout: float,
             # symlink on its way may have changed since.
             if not validation.inside(local, roots):
                 raise ImageError(f"{uri} is outside the storage roots")
-            _copy_local(local, partial, progress)
-        else:
-            scheme = urlsplit(uri).scheme.lower()
-            if scheme in ("http", "https"):
-                _download_http(uri, partial, (connect_timeout, read_timeout),
-                               progress)
-            elif scheme == "ftp":
-                _download_ftp(uri, partial, connect_timeout + read_timeout,
-                              progress)
-            else:
-                raise ImageError(f"cannot fetch {uri}: unsupported scheme")
-        size = os.path.getsize(partial)
-        os.rename(partial, dest)
-        return size
-    except ImageError:
-        _unlink(partial)
+            return _copy_local(local, dest, progress, known)
+        scheme = urlsplit(uri).scheme.lower()
+        if scheme in ("http", "https"):
+            return _download_http(uri, dest, timeout, progress, known)
+        if scheme == "ftp":
+            return _download_ftp(uri, dest, sum(timeout), progress, known)
+        raise ImageError(f"cannot fetch {uri}: unsupported scheme")
+    except (ImageError, NotModified):
         raise
     except requests.Timeout as err:
-        _unlink(partial)
         raise ImageError(f"fetching {uri} timed out ({err})") from err
     except requests.ConnectionError as err:
-        _unlink(partial)
         raise ImageError(f"cannot fetch {uri}: connection failed "
                          f"({_root_cause(err)})") from err
     except requests.RequestException as err:
-        _unlink(partial)
         raise ImageError(f"cannot fetch {uri}: {err}") from err
     except (ftplib.Error, EOFError) as err:
-        _unlink(partial)
         raise ImageError(f"cannot fetch {uri}: FTP error: {err}") from err
     except OSError as err:
-        _unlink(partial)
         raise ImageError(f"cannot fetch {uri}: {err.strerror or err}") from err
 
 
-def _copy_local(path: str, partial: str, progress: Progress) -> None:
-    total = os.path.getsize(path)
-    progress(0, total)
-    with open(path, "rb") as src, open(partial, "wb") as dst:
-        shutil.copyfileobj(src, dst, CHUNK)  # uses sendfile on Linux
+def _copy_local(path: str, dest: str, progress: Progress,
+                known: Validator | None) -> Downloaded:
+    st = os.stat(path)
+    validator = Validator(size=st.st_size, mtime_ns=st.st_mtime_ns)
+    if known is not None and known == validator:
+        raise NotModified()
+    digest = hashlib.sha256()
+    done = 0
+    progress(0, st.st_size)
+    with open(path, "rb") as src, open(dest, "wb") as dst:
+        while chunk := src.read(CHUNK):
+            dst.write(chunk)
+            digest.update(chunk)
+            done += len(chunk)
+            progress(done, st.st_size)
         dst.flush()
         os.fsync(dst.fileno())
-    progress(total, total)
+    if done != st.st_size:
+        raise ImageError(f"{path} changed while it was copied")
+    return Downloaded(done, digest.hexdigest(), validator)
 
 
-def _download_http(uri: str, partial: str, timeout, progress: Progress) -> None:
-    with requests.get(uri, stream=True, timeout=timeout) as resp:
-        if resp.status_code >= 400:
-            raise ImageError(f"cannot fetch {uri}: HTTP {resp.status_code} "
-                             f"{resp.reason}")
-        length = resp.headers.get("Content-Length")
-        total = int(length) if length and length.isdigit() else None
-        done = 0
-        progress(0, total)
-        with open(partial, "wb") as dst:
-            for chunk in resp.iter_content(CHUNK):
-                dst.write(chunk)
-                done += len(chunk)
+def _download_http(uri: str, dest: str, timeout, progress: Progress,
+                   known: Validator | None) -> Downloaded:
+    headers = {}
+    if known is not None:
+        if known.etag:
+            headers["If-None-Match"] = known.etag
+        if known.last_modified:
+            headers["If-Modified-Since"] = known.last_modified
+    digest = hashlib.sha256()
+    done = 0
+    total: int | None = None
+    validator = Validator()
+    resumes = 0
+    with open(dest, "wb") as out, requests.Session() as session:
+        while True:
+            resp = session.get(uri, stream=True, timeout=timeout,
+                               headers=headers)
+            try:
+                if resp.status_code == 304 and known is not None:
+                    raise NotModified()
+                if resp.status_code >= 400:
+                    raise ImageError(f"cannot fetch {uri}: HTTP "
+                                     f"{resp.status_code} {resp.reason}")
+                if resp.status_code == 206 and done:
+                    pass  # the server resumes where we stopped
+                else:
+                    # A full answer, first or after a refused resume.
+                    out.seek(0)
+                    out.truncate()
+                    digest, done = hashlib.sha256(), 0
+                    length = resp.headers.get("Content-Length", "")
+                    total = int(length) if length.isdigit() else None
+                    validator = Validator(
+                        size=total, etag=resp.headers.get("ETag", ""),
+                        last_modified=resp.headers.get("Last-Modified", ""))
                 progress(done, total)
-            dst.flush()
-            os.fsync(dst.fileno())
-        if total is not None and done != total:
-            raise ImageError(f"cannot fetch {uri}: got {done} of {total} "
-                             "bytes (connection cut short)")
+                try:
+                    for chunk in resp.iter_content(HTTP_CHUNK):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        done += len(chunk)
+                        progress(done, total)
+                except (requests.ConnectionError,
+                        requests.exceptions.ChunkedEncodingError) as err:
+                    resumable = (total is not None and resumes < RESUMES and
+                                 resp.headers.get("Accept-Ranges") == "bytes")
+                    if not resumable:
+                        raise ImageError(
+                            f"cannot fetch {uri}: connection dropped after "
+                            f"{done} of {total or '?'} bytes "
+                            f"({_root_cause(err)})") from err
+                    resumes += 1
+                    headers = {"Range": f"bytes={done}-"}
+                    if validator.etag:
+                        headers["If-Range"] = validator.etag
+                    elif validator.last_modified:
+                        headers["If-Range"] = validator.last_modified
+                    continue
+            finally:
+                resp.close()
+            break
+        out.flush()
+        os.fsync(out.fileno())
+    if total is not None and done != total:
+        raise ImageError(f"cannot fetch {uri}: got {done} of {total} bytes "
+                         "(connection cut short)")
+    validator.size = done
+    return Downloaded(done, digest.hexdigest(), validator)
 
 
-def _download_ftp(uri: str, partial: str, timeout: float, progress: Progress) -> None:
+def _download_ftp(uri: str, dest: str, timeout: float, progress: Progress,
+                  known: Validator | None) -> Downloaded:
     parts = urlsplit(uri)
+    path = unquote(parts.path)
     with ftplib.FTP(timeout=timeout) as ftp:
         ftp.connect(parts.hostname, parts.port or 21)
         ftp.login(unquote(parts.username or "anonymous"),
                   unquote(parts.password or "anonymous@"))
         ftp.voidcmd("TYPE I")
-        path = unquote(parts.path)
         try:
             total = ftp.size(path)
         except ftplib.error_perm:
             total = None
+        try:
+            modified = ftp.voidcmd(f"MDTM {path}").split()[-1]
+        except ftplib.error_perm:
+            modified = ""
+        validator = Validator(size=total, last_modified=modified)
+        if (known is not None and modified and known.size == total
+                and known.last_modified == modified):
+            raise NotModified()
+        digest = hashlib.sha256()
         done = 0
         progress(0, total)
-        with open(partial, "wb") as dst:
+        with open(dest, "wb") as out:
             def write(block: bytes) -> None:
                 nonlocal done
-                dst.write(block)
+                out.write(block)
+                digest.update(block)
                 done += len(block)
                 progress(done, total)
             ftp.retrbinary(f"RETR {path}", write, CHUNK)
-            dst.flush()
-            os.fsync(dst.fileno())
-        if total is not None and done != total:
-            raise ImageError(f"cannot fetch {uri}: got {done} of {total} bytes")
+            out.flush()
+            os.fsync(out.fileno())
+    if total is not None and done != total:
+        raise ImageError(f"cannot fetch {uri}: got {done} of {total} bytes")
+    validator.size = done
+    return Downloaded(done, digest.hexdigest(), validator)
 
 
-def probe(path: str, qemu_img: str, *, cpu_seconds: int = 30,
-          memory_bytes: int = 1 << 30) -> dict:
-    """Return qemu-img's view of an image; refuse ones that name other files."""
-    cmd = [qemu_img, "info", "--output=json", path]
+# -- qemu-img -------------------------------------------------------------------
+
+def run_qemu_img(qemu_img: str, args: list[str], *, cpu_seconds: int = 600,
+                 memory_bytes: int = 2 << 30, timeout: float = 3600) -> str:
+    """Run qemu-img under CPU and address-space limits; return stdout."""
     try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([qemu_img, *args], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except OSError as err:
         raise ImageError(f"cannot run {qemu_img}: {err.strerror}") from err
@@ -148,15 +249,26 @@ def probe(path: str, qemu_img: str, *, cpu_seconds: int = 30,
     except (ProcessLookupError, PermissionError):
         pass  # already gone; its exit status tells
     try:
-        out, err = proc.communicate(timeout=cpu_seconds * 2)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        raise ImageError("the image could not be probed in time") from None
+        raise ImageError(f"qemu-img {args[0]} did not finish in "
+                         f"{timeout:g} s") from None
     if proc.returncode != 0:
-        line = err.decode(errors="replace").strip().splitlines()
-        raise ImageError("the image is not readable: "
-                         + (line[-1] if line else f"qemu-img exit {proc.returncode}"))
+        lines = err.decode(errors="replace").strip().splitlines()
+        raise ImageError(lines[-1] if lines else
+                         f"qemu-img {args[0]} exited with {proc.returncode}")
+    return out.decode(errors="replace")
+
+
+def probe(path: str, qemu_img: str) -> dict:
+    """qemu-img's view of an image; refuse ones that name other files."""
+    try:
+        out = run_qemu_img(qemu_img, ["info", "--output=json", path],
+                           cpu_seconds=30, memory_bytes=1 << 30, timeout=60)
+    except ImageError as err:
+        raise ImageError(f"the image is not readable: {err}") from err
     info = json.loads(out)
     if info.get("backing-filename") or info.get("full-backing-filename"):
         raise ImageError(
@@ -172,7 +284,41 @@ def probe(path: str, qemu_img: str, *, cpu_seconds: int = 30,
     return info
 
 
-def _unlink(path: str) -> None:
+def create_overlay(qemu_img: str, base: str, base_format: str, overlay: str) -> None:
+    """A qcow2 disk that writes to itself and reads the rest from ``base``.
+
+    Creating it costs the same whatever the base's size, and the guest
+    never writes the shared cache.
+    """
+    tmp = overlay + ".part"
+    run_qemu_img(qemu_img, ["create", "-q", "-f", "qcow2", "-F", base_format,
+                            "-b", base, tmp], timeout=120)
+    os.replace(tmp, overlay)
+
+
+def flatten(qemu_img: str, overlay: str, out_format: str, dest: str) -> None:
+    """Write overlay + base as one self-contained image in ``out_format``."""
+    tmp = dest + ".part"
+    try:
+        run_qemu_img(qemu_img, ["convert", "-q", "-f", "qcow2", "-O", out_format,
+                                overlay, tmp])
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def unlink(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:

@@ -13,6 +13,7 @@ import logging
 import os
 
 from . import images, saving
+from .cache import ImageCache
 from .errors import HypervisorError, ImageError, VMWorkerError
 from .hypervisor.base import Disk, Handle, VMSpec
 from .service import VMService
@@ -26,8 +27,9 @@ class Cancelled(Exception):
 
 
 class Jobs:
-    def __init__(self, service: VMService):
+    def __init__(self, service: VMService, cache: ImageCache):
         self.service = service
+        self.cache = cache
         self.cfg = service.cfg
         service.set_job_runner(self.run)
 
@@ -35,7 +37,7 @@ class Jobs:
         if kind == "start":
             self.start(uuid)
         elif kind == "save":
-            saving.SaveJob(self.service, uuid).run()
+            saving.SaveJob(self.service, uuid, backoff=self.cfg.save_backoff).run()
         else:
             raise ValueError(f"unknown job kind {kind!r}")
 
@@ -82,14 +84,17 @@ class Jobs:
             raise Cancelled()
 
     def _disk(self, uuid: str, slot: str) -> Disk:
-        """The VM's copy of one image: fetched now, or by an earlier try."""
+        """The VM's disk for one image: from an earlier try, or made now.
+
+        hda and hdb become qcow2 overlays on the cached base; the cd is
+        attached read-only from the cache itself.
+        """
         svc = self.service
         vm = svc.get(uuid)
         known = vm.images.get(slot)
         if known and os.path.isfile(str(known["path"])):
             return Disk(slot, str(known["path"]), str(known["format"]))
         self._check(uuid)
-        paths = svc.layout.vm(uuid)
         uri = str(vm.params[f"{slot}_image"])
 
         def progress(done: int, total: int | None) -> None:
@@ -98,16 +103,25 @@ class Jobs:
                 raise Cancelled()
 
         try:
-            size = images.fetch(
-                uri, paths.disk(slot), paths.partial(slot), roots=self.cfg.roots,
-                connect_timeout=self.cfg.fetch_connect_timeout,
-                read_timeout=self.cfg.fetch_read_timeout, progress=progress)
-            info = images.probe(paths.disk(slot), self.cfg.qemu_img_binary)
+            cached = self.cache.get(
+                uri, sha256=str(vm.params.get(f"{slot}_image_sha256") or ""),
+                progress=progress, cancelled=lambda: svc.cancelled(uuid))
+            if svc.cancelled(uuid):
+                raise Cancelled()
+            if slot == "cd":
+                path, fmt = cached.path, cached.format
+            else:
+                path, fmt = svc.layout.vm(uuid).overlay(slot), "qcow2"
+                images.create_overlay(self.cfg.qemu_img_binary, cached.path,
+                                      cached.format, path)
         except ImageError as err:
+            if svc.cancelled(uuid):
+                raise Cancelled() from err
             raise ImageError(f"{slot}_image: {err}") from err
-        svc.commit(uuid, "image_fetched", slot=slot, path=paths.disk(slot),
-                   format=info["format"], size=size)
-        return Disk(slot, paths.disk(slot), info["format"])
+        svc.commit(uuid, "image_fetched", slot=slot, path=path, format=fmt,
+                   base=cached.path, base_format=cached.format,
+                   sha256=cached.sha256, size=cached.size, uri=uri)
+        return Disk(slot, path, fmt)
 
     def _fail(self, uuid: str, handle: Handle | None, reason: str) -> None:
         svc = self.service
@@ -124,19 +138,10 @@ class Jobs:
 
     # -- CD changes (modify) ------------------------------------------------
 
-    def fetch_cd(self, uuid: str, uri: str) -> Disk:
-        """Fetch a new CD medium next to the VM's disks (for modify)."""
-        svc = self.service
-        paths = svc.layout.vm(uuid)
-        name = f"cd-{os.urandom(4).hex()}"
-        dest = os.path.join(paths.folder, f"{name}.img")
-        images.fetch(uri, dest, os.path.join(paths.folder, f".{name}.part"),
-                     roots=self.cfg.roots,
-                     connect_timeout=self.cfg.fetch_connect_timeout,
-                     read_timeout=self.cfg.fetch_read_timeout)
-        try:
-            info = images.probe(dest, self.cfg.qemu_img_binary)
-        except ImageError:
-            os.unlink(dest)
-            raise
-        return Disk("cd", dest, info["format"])
+    def fetch_cd(self, uuid: str, uri: str, sha256: str = "") -> tuple[Disk, dict]:
+        """A new CD medium from the cache (for modify); and its event fields."""
+        cached = self.cache.get(uri, sha256=sha256)
+        return (Disk("cd", cached.path, cached.format),
+                {"path": cached.path, "format": cached.format,
+                 "base": cached.path, "base_format": cached.format,
+                 "sha256": cached.sha256, "size": cached.size, "uri": uri})

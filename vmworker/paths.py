@@ -20,10 +20,11 @@ class VarLayout:
         self.vms = os.path.join(var, "vms")
         self.failed_to_save = os.path.join(var, "failed_to_save")
         self.storage = os.path.join(var, "storage")
+        self.images = os.path.join(var, "images")
 
     def create(self) -> None:
         for d in (self.journal, self.log_dir, self.vms, self.failed_to_save,
-                  self.storage):
+                  self.storage, self.images):
             os.makedirs(d, exist_ok=True)
 
     def vm(self, uuid: str) -> "VMPaths":
@@ -40,10 +41,10 @@ class VMPaths:
         self.pidfile = os.path.join(folder, "qemu.pid")
         self.log = os.path.join(folder, "qemu.log")
 
-    def disk(self, slot: str) -> str:
-        """The VM's own copy of an image (hda, hdb or cd)."""
-        return os.path.join(self.folder, f"disk-{slot}.img")
+    def overlay(self, slot: str) -> str:
+        """The VM's copy-on-write disk over a cached base (hda or hdb)."""
+        return os.path.join(self.folder, f"disk-{slot}.qcow2")
 
-    def partial(self, slot: str) -> str:
-        """Where a download lands before it is checked and renamed."""
-        return os.path.join(self.folder, f".disk-{slot}.part")
+    def flat(self, slot: str, fmt: str) -> str:
+        """A halted VM's disk as one self-contained image, ready to save."""
+        return os.path.join(self.folder, f"save-{slot}.{fmt}")

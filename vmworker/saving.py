@@ -1,6 +1,8 @@
 """Saving a halted VM's disks to the targets the master chose.
 
-Each disk with a save target gets up to three tries, each journaled with
+Each disk with a save target is first flattened (overlay + cached base)
+into one self-contained image in its source's format, then gets up to three
+tries, each journaled with
 its error, with a pause between tries. A file target is written under a
 temporary name, fsync'd, renamed in and its folder fsync'd, so a half
 written file never passes for a saved image; HTTP(S) targets get a streamed
@@ -16,13 +18,14 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from urllib.parse import unquote, urlsplit
 
 import requests
 
-from . import validation
-from .errors import VMWorkerError
+from . import images, validation
+from .errors import ImageError, VMWorkerError
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +49,6 @@ class SaveJob:
         errors: dict[str, list[str]] = {}
         for slot in vm.pending_saves:
             errors[slot] = []
-            image = vm.images.get(slot)
-            path = str(image["path"]) if image else ""
             first_try = int(vm.save_tries.get(slot, 0)) + 1
             for attempt in range(first_try, TRIES + 1):
                 if svc.cancelled(self.uuid):
@@ -55,10 +56,11 @@ class SaveJob:
                 target = svc.get(self.uuid).save_to[slot]  # the latest
                 svc.commit(self.uuid, "save_attempt", slot=slot, target=target,
                            **{"try": attempt})
-                svc.report_progress(self.uuid, f"saving {slot} (try {attempt})",
-                                    0, _size(path))
                 try:
-                    upload(path, target, svc.cfg.roots,
+                    flat = self._flat(vm, slot)
+                    svc.report_progress(self.uuid, f"saving {slot} (try "
+                                        f"{attempt})", 0, _size(flat))
+                    upload(flat, target, svc.cfg.roots,
                            timeout=(svc.cfg.fetch_connect_timeout,
                                     svc.cfg.fetch_read_timeout))
                 except SaveError as err:
@@ -78,6 +80,28 @@ class SaveJob:
         if vm.pending_saves:
             self._keep_failed(vm, errors)
 
+    def _flat(self, vm, slot: str) -> str:
+        """The disk as one self-contained image in its source's format.
+
+        Made once (it survives a worker restart) from the VM's overlay and
+        the cached base: raw stays raw, qcow2 stays qcow2.
+        """
+        image = vm.images.get(slot)
+        if not image:
+            raise SaveError(f"VM has no {slot} disk to save")
+        fmt = str(image.get("base_format") or image["format"])
+        flat = self.service.layout.vm(vm.uuid).flat(slot, fmt)
+        if os.path.exists(flat):
+            return flat
+        if str(image["format"]) == fmt and not image.get("base"):
+            return str(image["path"])  # already self-contained
+        try:
+            images.flatten(self.service.cfg.qemu_img_binary, str(image["path"]),
+                           fmt, flat)
+        except ImageError as err:
+            raise SaveError(f"cannot flatten the {slot} disk: {err}") from err
+        return flat
+
     def _keep_failed(self, vm, errors: dict[str, list[str]]) -> None:
         """Move the unsaved disks to failed_to_save, with a sidecar."""
         svc = self.service
@@ -85,16 +109,20 @@ class SaveJob:
         os.makedirs(folder, exist_ok=True)
         kept = {}
         for slot in vm.pending_saves:
-            image = vm.images.get(slot)
-            if not image:
+            try:
+                src = self._flat(vm, slot)
+            except SaveError as err:
+                kept[slot] = self._keep_unflattened(vm, slot, folder, str(err))
+                kept[slot]["errors"] = errors.get(slot, [])
                 continue
-            src = str(image["path"])
-            dest = os.path.join(folder, f"{slot}.{image['format']}")
+            fmt = os.path.splitext(src)[1].lstrip(".")
+            dest = os.path.join(folder, f"{slot}.{fmt}")
             if os.path.exists(src):
                 os.replace(src, dest)
             kept[slot] = {"path": dest, "target": vm.save_to[slot],
-                          "format": image["format"], "size": _size(dest),
-                          "sha256": _sha256(dest), "errors": errors.get(slot, [])}
+                          "format": fmt, "size": _size(dest),
+                          "sha256": images.sha256_of(dest),
+                          "errors": errors.get(slot, [])}
         sidecar = os.path.join(folder, "failed_to_save.json")
         tmp = sidecar + ".tmp"
         with open(tmp, "w") as f:
@@ -109,6 +137,30 @@ class SaveJob:
         svc.commit(vm.uuid, "save_failed",
                    reason=f"saving failed {TRIES} times; {where}")
         log.error("VM %s: failed to save; %s", vm.label, where)
+
+
+    def _keep_unflattened(self, vm, slot: str, folder: str, why: str) -> dict:
+        """Flattening failed: keep the overlay and a copy of its base.
+
+        The base lives in the image cache, which may evict it once the VM
+        has ended; the copy makes the pair self-sufficient.
+        """
+        image = vm.images[slot]
+        overlay = os.path.join(folder, f"{slot}.overlay.qcow2")
+        base = os.path.join(folder, f"{slot}.base.{image['base_format']}")
+        if os.path.exists(str(image["path"])):
+            os.replace(str(image["path"]), overlay)
+        if not os.path.exists(base):
+            try:
+                os.link(str(image["base"]), base)
+            except OSError:
+                shutil.copyfile(str(image["base"]), base)
+        log.error("VM %s: %s; kept the overlay %s and its base %s", vm.label,
+                  why, overlay, base)
+        return {"path": overlay, "base": base, "target": vm.save_to[slot],
+                "format": "qcow2", "base_format": image["base_format"],
+                "note": f"{why}; rebase the overlay onto the base with "
+                        "'qemu-img rebase -u -b BASE -F FORMAT OVERLAY'"}
 
 
 def upload(path: str, target: str, roots, *, timeout) -> None:
@@ -142,13 +194,16 @@ def _save_file(path: str, dest: str, roots) -> None:
         raise SaveError(f"{dest} is outside the storage roots")
     tmp = os.path.join(folder, f".{os.path.basename(dest)}.{os.getpid()}.part")
     try:
+        digest = hashlib.sha256()
         with open(path, "rb") as src, open(tmp, "wb") as dst:
             while chunk := src.read(CHUNK):
                 dst.write(chunk)
+                digest.update(chunk)
             dst.flush()
             os.fsync(dst.fileno())
-        if os.path.getsize(tmp) != os.path.getsize(path):
-            raise SaveError(f"short write to {dest}")
+        # Read back what reached the disk before it takes the target's name.
+        if images.sha256_of(tmp) != digest.hexdigest():
+            raise SaveError(f"{dest}: what was written differs from the image")
         os.replace(tmp, dest)
         _fsync_dir(folder)
     finally:
@@ -182,14 +237,6 @@ def _size(path: str) -> int | None:
         return os.path.getsize(path)
     except OSError:
         return None
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync_dir(folder: str) -> None:

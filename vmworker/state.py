@@ -46,6 +46,7 @@ CONSOLE = frozenset({S.RUNNING, S.SUSPENDED})
 # stopped).
 ALLOWED: Mapping[str, frozenset] = {
     "accepted": frozenset(),  # only for a VM that does not exist yet
+    "snapshot": frozenset(),  # compaction: a whole record, as the first event
     "image_fetched": frozenset({S.STARTING}),
     "spawned": frozenset({S.STARTING}),
     "install_started": frozenset({S.STARTING}),
@@ -120,6 +121,10 @@ def apply(vm: VMRecord | None, event: Mapping[str, object]) -> VMRecord:
     """Return the record after ``event``; raise WrongState if not allowed."""
     etype = event["type"]
     ts = float(event["ts"])
+    if etype == "snapshot":
+        if vm is not None:
+            raise WrongState(vm.label, "restore a snapshot of", vm.status.value, [])
+        return from_dict(event["record"])
     if etype == "accepted":
         if vm is not None:
             raise WrongState(vm.label, "accept", vm.status.value, [])
@@ -141,8 +146,7 @@ def _transition(vm: VMRecord, ev: Mapping[str, object]) -> VMRecord:
     r = dataclasses.replace
     if etype == "image_fetched":
         images = dict(vm.images)
-        images[str(ev["slot"])] = {"path": ev["path"], "format": ev["format"],
-                                   "size": ev.get("size")}
+        images[str(ev["slot"])] = _image_fields(ev)
         return r(vm, images=images, message=f"fetched {ev['slot']} image")
     if etype == "spawned":
         return r(vm, pid=int(ev["pid"]), create_time=float(ev["create_time"]),
@@ -170,8 +174,7 @@ def _transition(vm: VMRecord, ev: Mapping[str, object]) -> VMRecord:
     if etype == "cd_changed":
         images = dict(vm.images)
         if ev.get("path"):
-            images["cd"] = {"path": ev["path"], "format": ev["format"],
-                            "size": ev.get("size"), "uri": ev.get("uri")}
+            images["cd"] = _image_fields(ev)
         else:
             images.pop("cd", None)
         return r(vm, images=images)
@@ -206,6 +209,31 @@ def _transition(vm: VMRecord, ev: Mapping[str, object]) -> VMRecord:
         return r(vm, status=S.DESTROYED, vnc="",
                  message="destroyed on request; nothing saved")
     raise KeyError(f"unknown event type {etype!r}")
+
+
+def to_dict(vm: VMRecord) -> dict:
+    """The record as plain JSON data (for compaction snapshots)."""
+    out = dataclasses.asdict(vm)
+    out["status"] = vm.status.value
+    return out
+
+
+def from_dict(data: Mapping[str, object]) -> VMRecord:
+    fields = {f.name for f in dataclasses.fields(VMRecord)}
+    values = {k: v for k, v in data.items() if k in fields}
+    values["status"] = Status(values["status"])
+    return VMRecord(**values)
+
+
+def snapshot_event(vm: VMRecord) -> dict:
+    return {"type": "snapshot", "uuid": vm.uuid, "ts": vm.updated,
+            "record": to_dict(vm)}
+
+
+def _image_fields(ev: Mapping[str, object]) -> dict:
+    """What an image event says of the disk: path, format, base, sha256 …"""
+    return {k: v for k, v in ev.items()
+            if k not in ("type", "uuid", "ts", "slot")}
 
 
 def fold(events: Iterable[Mapping[str, object]]) -> dict[str, VMRecord]:

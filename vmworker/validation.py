@@ -26,8 +26,10 @@ FALSE_WORDS = {"0", "false", "no", "off", ""}
 
 START_REQUIRED = ("name", "cpu_count", "mem_size", "hda_image")
 START_OPTIONAL = ("hda_save_to", "hdb_image", "hdb_save_to", "cd_image",
-                  "run_agent", "soft_list", "uuid")
-MODIFY_FIELDS = ("hda_save_to", "hdb_save_to", "cd_image")
+                  "run_agent", "soft_list", "uuid", "hda_image_sha256",
+                  "hdb_image_sha256", "cd_image_sha256")
+MODIFY_FIELDS = ("hda_save_to", "hdb_save_to", "cd_image", "cd_image_sha256")
+SHA256_RE = re.compile(r"[0-9a-fA-F]{64}\Z")
 SELECTORS = ("uuid", "name")
 
 
@@ -117,6 +119,18 @@ def _split(value: str, key: str):
                          f"({err})") from None
 
 
+def sha256(value: str | None, key: str, image: str | None) -> str:
+    """An optional hex sha256 that the named image must have."""
+    if not value:
+        return ""
+    if not image:
+        raise BadRequest(f"{key} is set but {key[:-len('_sha256')]} is not")
+    if not SHA256_RE.match(value):
+        raise BadRequest(f"{key} must be 64 hexadecimal digits, "
+                         f"not {value[:80]!r}")
+    return value.lower()
+
+
 def local_path(uri: str, key: str) -> str | None:
     """The absolute path a local URI names, or None for a remote URI."""
     if uri.startswith("/"):
@@ -201,6 +215,10 @@ def start_params(params: Mapping[str, object], roots: Iterable[str]) -> dict:
     for slot in ("hdb", "cd"):
         value = get(f"{slot}_image")
         out[f"{slot}_image"] = uri(value, f"{slot}_image", roots) if value else ""
+    for slot in ("hda", "hdb", "cd"):
+        out[f"{slot}_image_sha256"] = sha256(get(f"{slot}_image_sha256"),
+                                             f"{slot}_image_sha256",
+                                             out[f"{slot}_image"])
     for slot in ("hda", "hdb"):
         value = get(f"{slot}_save_to")
         if value and not out[f"{slot}_image"]:
@@ -237,9 +255,14 @@ def modify_params(params: Mapping[str, object], roots: Iterable[str]) -> dict:
     cd = single(params, "cd_image")
     if cd is not None:
         changes["cd_image"] = uri(cd, "cd_image", roots) if cd else ""
+    digest = single(params, "cd_image_sha256")
+    if digest is not None:
+        if cd is None:
+            raise BadRequest("cd_image_sha256 is set but cd_image is not")
+        changes["cd_image_sha256"] = sha256(digest, "cd_image_sha256", cd)
     if not changes:
         raise BadRequest("modify needs at least one of "
-                         f"{', '.join(MODIFY_FIELDS)}")
+                         "hda_save_to, hdb_save_to, cd_image; got none")
     return changes
 
 
