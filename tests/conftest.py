@@ -40,16 +40,21 @@ class Worker:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = var.parent / f"{var.name}.conf"
-        self.config.write_text(
-            "[worker]\n"
-            f"accel = {ACCEL!r}\n"
-            "supervisor_interval = 0.2\n"
-            "qemu_start_timeout = 30.0\n"
-            "fetch_connect_timeout = 2.0\n"
-            "fetch_read_timeout = 2.0\n"
+        settings = {
+            "accel": repr(ACCEL),
+            "supervisor_interval": "0.2",
+            "qemu_start_timeout": "30.0",
+            "fetch_connect_timeout": "2.0",
+            "fetch_read_timeout": "2.0",
             # Tests run many 1-vCPU guests on 2 host CPUs.
-            "cpu_overcommit = 16.0\n"
-            + extra_config)
+            "cpu_overcommit": "16.0",
+        }
+        for line in extra_config.splitlines():  # a test's keys win
+            if "=" in line:
+                key, value = line.split("=", 1)
+                settings[key.strip()] = value.strip()
+        self.config.write_text("[worker]\n" + "".join(
+            f"{key} = {value}\n" for key, value in settings.items()))
         self.proc: subprocess.Popen | None = None
         self.session = requests.Session()
 
@@ -219,6 +224,8 @@ def cleanup(worker):
         if vm["status"] not in END:
             worker.call("destroy", uuid=vm["uuid"])
     deadline = time.monotonic() + 15
-    while worker.qemu_processes() and time.monotonic() < deadline:
+    while ((worker.qemu_processes() or os.listdir(worker.var / "vms"))
+           and time.monotonic() < deadline):
         time.sleep(0.05)
     assert not worker.qemu_processes(), "a destroyed VM's QEMU still runs"
+    assert not os.listdir(worker.var / "vms"), "an ended VM's folder stays"

@@ -61,6 +61,10 @@ def describe(vm: VMRecord, service: VMService) -> dict:
 class VMachines:
     """Mounted at /vmachines."""
 
+    # Other methods get 405 with an Allow header (CherryPy's allow tool).
+    _cp_config = {"tools.allow.on": True,
+                  "tools.allow.methods": ["GET", "HEAD", "POST"]}
+
     def __init__(self, service: VMService, jobs):
         self.service = service
         self.jobs = jobs
@@ -93,9 +97,9 @@ class VMachines:
         uuid = self._select(params, validation.MODIFY_FIELDS)
         changes = validation.modify_params(params, self.service.cfg.roots)
 
-        def fetch_cd(vm_uuid: str, uri: str):
+        def fetch_cd(vm_uuid: str, uri: str, sha256: str):
             try:
-                return self.jobs.fetch_cd(vm_uuid, uri)
+                return self.jobs.fetch_cd(vm_uuid, uri, sha256)
             except ImageError as err:
                 raise BadRequest(f"cd_image: {err}") from err
 

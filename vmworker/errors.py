@@ -18,6 +18,8 @@ requests, QMP) are translated at their boundary and chained ``from err``.
     │   └── JournalError               the journal cannot be made durable
     ├── JournalCorrupt (500)           a record in the middle is damaged
     ├── ConfigError (500)              the worker's own configuration is wrong
+    ├── PidFileError (500)             the pidfile cannot be created or locked
+    │   └── AlreadyRunning             another live vmworker holds it
     ├── ImageError (500)               fetching or probing an image failed
     └── HypervisorError (500)          QEMU or QMP failed
         └── QMPCommandError            QEMU answered a command with an error
@@ -93,6 +95,14 @@ class JournalCorrupt(VMWorkerError):
 
 
 class ConfigError(VMWorkerError):
+    pass
+
+
+class PidFileError(VMWorkerError):
+    pass
+
+
+class AlreadyRunning(PidFileError):
     pass
 
 

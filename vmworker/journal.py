@@ -14,7 +14,11 @@ Replay reads records until the end. A record cut short at the end of the file
 (a crash mid-append) is a torn tail: its bytes are kept in a ``.broken`` file
 beside the log and the log is truncated to the last whole record. A record
 whose checksum is wrong while more data follows it is corruption, not a torn
-tail: replay refuses with the file and offset, for an operator to inspect.
+tail: replay refuses with the file and offset, for an operator to inspect
+(see README, "When the journal is damaged").
+
+Compaction (``rewrite``) replaces the log with one ``snapshot`` record per
+VM worth keeping, atomically (temp file, fsync, rename, fsync the folder).
 """
 
 from __future__ import annotations
@@ -128,6 +132,8 @@ class Journal:
     def replay(self) -> list[dict]:
         """Read every whole record, repair a torn tail, open for appends."""
         os.makedirs(self.directory, exist_ok=True)
+        # A compaction killed before its rename: the old log is complete.
+        _unlink(self.path + ".compact")
         started = time.monotonic()
         try:
             with open(self.path, "rb") as f:
@@ -146,6 +152,45 @@ class Journal:
         log.info("journal: replayed %d records (%d bytes) in %.1f ms",
                  len(records), valid, (time.monotonic() - started) * 1000)
         return records
+
+    def rewrite(self, records: list[dict]) -> None:
+        """Replace the whole log with ``records`` (compaction), atomically.
+
+        The new log is written beside the old one, fsync'd, renamed over it
+        and the folder fsync'd: a kill at any step leaves either the old log
+        or the new one, each of which replays to the same state. Appends
+        wait meanwhile; queued ones are made durable in the old log first
+        (the caller's snapshot already includes them).
+        """
+        tmp = self.path + ".compact"
+        with self._cond:
+            while self._flushing:
+                self._cond.wait()
+            if self._queue and self._failed is None:
+                self._flush_locked()
+            if self._failed is not None:
+                raise JournalError(f"the journal cannot be written "
+                                   f"({self._failed})")
+            try:
+                with open(tmp, "wb") as f:
+                    for record in records:
+                        f.write(frame(record))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+                _fsync_dir(self.directory)
+            except OSError as err:
+                _unlink(tmp)
+                raise JournalError(f"compacting the journal failed: {err}") from err
+            old, self._fd = self._fd, os.open(
+                self.path, os.O_WRONLY | os.O_APPEND, 0o600)
+            os.close(old)
+
+    def size(self) -> int:
+        try:
+            return os.path.getsize(self.path)
+        except OSError:
+            return 0
 
     def _keep_torn_tail(self, tail: bytes, offset: int) -> None:
         base = f"{self.path}.{int(time.time())}"
@@ -240,6 +285,13 @@ def read_records(path: str) -> Iterator[dict]:
     with open(path, "rb") as f:
         records, _ = parse(f.read(), path)
     return iter(records)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _fsync_dir(directory: str) -> None:

@@ -99,6 +99,13 @@ class VMService:
         with self._lock:
             return uuid in self._jobs
 
+    def pinned_blobs(self) -> set[str]:
+        """The cached images (by sha256) that VMs not yet ended read."""
+        with self._lock:
+            return {str(image.get("sha256")) for vm in self._vms.values()
+                    if vm.status not in FINAL
+                    for image in vm.images.values() if image.get("sha256")}
+
     def vm_lock(self, uuid: str) -> threading.RLock:
         with self._lock:
             return self._vm_locks.setdefault(uuid, threading.RLock())
@@ -116,6 +123,32 @@ class VMService:
         self.journal.wait(ticket)
         self.wakeup.set()
         return vm
+
+    def compact_if_needed(self, now: float | None = None) -> bool:
+        """Compact the journal once it outgrew ``journal_compact_mb``.
+
+        Every VM kept becomes one snapshot record; ended VMs whose last
+        change is older than the retention are dropped from the journal and
+        from memory. Requests wait for the few milliseconds it takes.
+        """
+        if self.journal.size() < self.cfg.journal_compact_mb * (1 << 20):
+            return False
+        now = time.time() if now is None else now
+        horizon = now - self.cfg.journal_retention_hours * 3600
+        with self._lock:
+            keep = {uuid: vm for uuid, vm in self._vms.items()
+                    if vm.status not in FINAL or vm.updated >= horizon
+                    or uuid in self._jobs}
+            before = self.journal.size()
+            self.journal.rewrite([state.snapshot_event(vm)
+                                  for vm in sorted(keep.values(),
+                                                   key=lambda v: v.created)])
+            dropped = len(self._vms) - len(keep)
+            self._vms = keep
+            self._tickets = {}
+        log.info("journal compacted: %d -> %d bytes, %d VMs kept, %d dropped",
+                 before, self.journal.size(), len(keep), dropped)
+        return True
 
     # -- requests -----------------------------------------------------------
 
@@ -182,7 +215,8 @@ class VMService:
             return vm
 
     def modify(self, uuid: str, changes: dict,
-               fetch_cd: Callable[[str, str], Disk] | None = None) -> VMRecord:
+               fetch_cd: Callable[[str, str, str], tuple[Disk, dict]] | None = None
+               ) -> VMRecord:
         """Change save targets and/or the CD medium."""
         with self.vm_lock(uuid):
             vm = self.get(uuid)
@@ -198,14 +232,13 @@ class VMService:
                 state.check(vm, "cd_changed", "change the CD of")
             if "cd_image" in changes:
                 uri = changes["cd_image"]
-                disk = fetch_cd(uuid, uri) if uri else None
-                self.driver.change_cd(uuid, self.layout.vm(uuid), disk)
-                if disk is None:
-                    vm = self.commit(uuid, "cd_changed", path="", format="",
-                                     uri="")
+                if uri:
+                    disk, fields = fetch_cd(uuid, uri,
+                                            changes.get("cd_image_sha256", ""))
                 else:
-                    vm = self.commit(uuid, "cd_changed", path=disk.path,
-                                     format=disk.format, uri=uri)
+                    disk, fields = None, {"path": "", "format": "", "uri": ""}
+                self.driver.change_cd(uuid, self.layout.vm(uuid), disk)
+                vm = self.commit(uuid, "cd_changed", **fields)
             if save_changes:
                 vm = self.commit(uuid, "modified", **save_changes)
             return vm

@@ -21,7 +21,7 @@ from .errors import VMWorkerError
 from .hypervisor.base import Handle, Observation
 from .reconcile import Action, Kind, decide
 from .service import VMService
-from .state import FINAL, LIVE_PROCESS, Status, VMRecord
+from .state import LIVE_PROCESS, Status, VMRecord
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,10 @@ class Supervisor:
                 log.warning("supervisor: VM %s: %s", vm.label, err)
             except Exception:
                 log.exception("supervisor: VM %s: unexpected error", vm.label)
+        try:
+            self.service.compact_if_needed()
+        except VMWorkerError as err:
+            log.error("supervisor: journal compaction failed: %s", err)
         self.ticks += 1
         self.last_tick_seconds = time.perf_counter() - started
 
