@@ -10,20 +10,23 @@ raised by a handler or a tool becomes the JSON envelope with its status.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import hmac
 import json
 import logging
 import logging.handlers
 import os
 import sys
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import cherrypy
 from cherrypy.process import plugins
 
+from . import openapi
 from .api import VMachines
+from .cache import ImageCache
 from .config import WorkerConfig
-from .errors import Forbidden, Unauthorized, VMWorkerError
+from .errors import ConfigError, Forbidden, Unauthorized, VMWorkerError
 from .hypervisor.qemu import QemuDriver
 from .jobs import Jobs
 from .journal import Journal
@@ -59,8 +62,12 @@ def handle_error() -> None:
     err = sys.exc_info()[1]
     if isinstance(err, VMWorkerError):
         status, message = err.http_status, str(err)
-        if status >= 500 and not isinstance(err, (Forbidden,)):
+        if status >= 500:
             log.warning("request %s failed: %s", cherrypy.request.path_info, err)
+    elif isinstance(err, ValueError) and _raised_in_body_parser(err):
+        # CherryPy's form parser raises ValueError on a malformed body
+        # (e.g. multipart without a boundary): the client's fault.
+        status, message = 400, f"malformed request body: {err}"
     else:
         status, message = 500, f"internal error: {type(err).__name__}: {err}"
         log.error("request %s crashed", cherrypy.request.path_info,
@@ -72,6 +79,15 @@ def handle_error() -> None:
     resp.body = _envelope(status, message)
 
 
+def _raised_in_body_parser(err: BaseException) -> bool:
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__") == "cherrypy._cpreqbody":
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def error_page(status, message, traceback, version) -> str:
     """CherryPy's own HTTP errors (unknown path, bad method) as JSON too."""
     cherrypy.response.headers["Content-Type"] = "application/json"
@@ -80,17 +96,30 @@ def error_page(status, message, traceback, version) -> str:
 
 # -- access control -------------------------------------------------------------
 
-def check_access(token: str = "") -> None:
+def check_access(token: str = "", sessions=None, session_ok: bool = False) -> None:
     """Refuse browser cross-site requests, and requests without the token.
 
     Every endpoint answers GET, so a page in an operator's browser could
     fire ``<img src=".../vmachines/destroy?name=db">``. Browsers say where a
     request comes from (``Sec-Fetch-Site``, ``Origin``); programs such as
     curl and the master send neither and are unaffected.
+
+    The web UI marks its handlers (see ``webui``): a *page* only shows
+    things, so a top-level navigation from another site (a link in the
+    master's UI) may open it; pages, the UI's reads and its *actions* (POST
+    with a CSRF token) accept the browser's login cookie (``sessions``) in
+    place of the token, as do paths configured with ``session_ok`` (the
+    read-only list and status the dashboard polls); a page sends a browser
+    without either to the login form. The token header works everywhere.
     """
-    headers = cherrypy.request.headers
+    request = cherrypy.request
+    headers = request.headers
+    handler = getattr(request.handler, "callable", None)
+    page = getattr(handler, "vmworker_page", False)
     site = headers.get("Sec-Fetch-Site", "").lower()
-    if site in ("cross-site", "same-site"):
+    navigation = (page and request.method in ("GET", "HEAD")
+                  and headers.get("Sec-Fetch-Mode", "").lower() == "navigate")
+    if site in ("cross-site", "same-site") and not navigation:
         raise Forbidden(f"refused a {site} request from a browser")
     origin = headers.get("Origin")
     if origin and origin != "null":
@@ -104,9 +133,21 @@ def check_access(token: str = "") -> None:
         auth = headers.get("Authorization", "")
         if auth.lower().startswith("bearer "):
             given = auth[7:].strip()
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            raise Unauthorized("this worker needs its API token "
-                               "(Authorization: Bearer … or X-VMWorker-Token)")
+        if hmac.compare_digest(given.encode(), token.encode()):
+            return
+        if getattr(handler, "vmworker_public", False):
+            return
+        cookie_ok = (page or session_ok
+                     or getattr(handler, "vmworker_ui", False))
+        if cookie_ok and sessions is not None and sessions.authenticated():
+            return
+        if page and request.method in ("GET", "HEAD"):
+            here = request.path_info + (f"?{request.query_string}"
+                                        if request.query_string else "")
+            raise cherrypy.HTTPRedirect(
+                f"/webui/login?next={quote(here, safe='')}", 303)
+        raise Unauthorized("this worker needs its API token "
+                           "(Authorization: Bearer … or X-VMWorker-Token)")
 
 
 cherrypy.tools.vmworker_access = cherrypy.Tool("before_handler", check_access,
@@ -128,26 +169,62 @@ def become_subreaper() -> None:
         log.warning("cannot become a child subreaper: %s", err)
 
 
-def setup_logging(layout: VarLayout, level: str) -> None:
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+#: What setup_logging installed: its settings and handlers (main thread only).
+_logging: dict = {"options": {}, "handlers": [], "access": None}
+
+
+def setup_logging(layout: VarLayout, level: str, **options) -> None:
+    """Log to a size-rotated file (and stderr); the access log beside it.
+
+    ``options``: ``log_file`` (default ``layout.log_file``), ``max_bytes``
+    (rotation size, 0 = never), ``backups`` and ``stderr`` (True, False,
+    or the least level shown there, e.g. ``"ERROR"`` for a daemon that is
+    not ready yet). They are remembered: ``worker.py`` calls this before
+    ``build`` with the ``[worker]`` log settings, so that everything
+    ``build`` logs, replay and adoption included, already goes where
+    configured, and ``build``'s own call, which passes only the level,
+    keeps them.
+    """
+    remembered = _logging["options"]
+    remembered.update(options)
+    log_file = remembered.get("log_file") or layout.log_file
+    max_bytes = remembered.get("max_bytes", 10 << 20)
+    backups = remembered.get("backups", 5)
+    to_stderr = remembered.get("stderr", True)  # or the least level shown
+    wanted = (log_file, max_bytes, backups, to_stderr)
     root = logging.getLogger()
     root.setLevel(level.upper())
+    if _logging.get("installed") == wanted:
+        return
+    for handler in _logging["handlers"]:
+        root.removeHandler(handler)
+        handler.close()
+    if _logging["access"] is not None:
+        cherrypy.log.access_log.removeHandler(_logging["access"])
+        _logging["access"].close()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    stderr = logging.StreamHandler()
-    stderr.setFormatter(fmt)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.makedirs(os.path.dirname(log_file), exist_ok=True)
     file = logging.handlers.RotatingFileHandler(
-        layout.log_file, maxBytes=10 << 20, backupCount=5)
-    file.setFormatter(fmt)
-    for handler in (stderr, file):
+        log_file, maxBytes=max_bytes, backupCount=backups)
+    handlers = [file]
+    if to_stderr:
+        stderr = logging.StreamHandler()
+        if isinstance(to_stderr, str):
+            stderr.setLevel(to_stderr.upper())
+        handlers.append(stderr)
+    for handler in handlers:
+        handler.setFormatter(fmt)
         root.addHandler(handler)
     # CherryPy's error log propagates to ours; its access log gets a file.
     access = logging.handlers.RotatingFileHandler(
-        os.path.join(layout.log_dir, "access.log"), maxBytes=10 << 20,
-        backupCount=2)
+        os.path.join(os.path.dirname(log_file), "access.log"),
+        maxBytes=max_bytes, backupCount=backups)
     access.setFormatter(logging.Formatter("%(message)s"))
     cherrypy.log.access_log.addHandler(access)
     cherrypy.log.access_log.propagate = False
+    _logging.update(installed=wanted, handlers=handlers, access=access)
 
 
 class ServicePlugin(plugins.SimplePlugin):
@@ -166,16 +243,34 @@ class ServicePlugin(plugins.SimplePlugin):
 class Root:
     def __init__(self, service: VMService, jobs: Jobs):
         self.vmachines = VMachines(service, jobs)
-        self.webui = WebUI(service)
+        self.webui = WebUI(service, self.vmachines)
+        # / is the dashboard: the same handler, so the same access rules.
+        self.index = self.webui.index
 
     @cherrypy.expose
-    def index(self):
-        return self.webui.index()
+    def openapi_json(self):
+        """/openapi.json: the API's OpenAPI 3.1 description."""
+        cherrypy.response.headers["Content-Type"] = "application/json"
+        return json.dumps(openapi.spec()).encode()
+
+
+def check_listen(host: str, cfg: WorkerConfig) -> None:
+    """Refuse to serve other hosts without a token, unless told to."""
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and not cfg.api_token and not cfg.insecure:
+        raise ConfigError(
+            f"refusing to listen on {host} without an api_token: anyone who "
+            "can reach it could start and destroy VMs; set api_token in "
+            "[worker] (or insecure = True to accept that)")
 
 
 def build(cfg: WorkerConfig) -> VMService:
     """Create everything, replay the journal, mount the app, subscribe plugins."""
     cfg.check_paths()
+    check_listen(cherrypy.config.get("server.socket_host", "127.0.0.1"), cfg)
     layout = VarLayout(cfg.var)
     layout.create()
     for root in cfg.roots:
@@ -196,7 +291,12 @@ def build(cfg: WorkerConfig) -> VMService:
                         on_event=on_event)
     service = VMService(cfg, layout, journal, driver)
     service.load()
-    jobs = Jobs(service)
+    cache = ImageCache(layout.images, roots=cfg.roots,
+                       qemu_img=cfg.qemu_img_binary,
+                       timeout=(cfg.fetch_connect_timeout, cfg.fetch_read_timeout),
+                       max_bytes=cfg.image_cache_max_mb << 20,
+                       pinned=service.pinned_blobs)
+    jobs = Jobs(service, cache)
     supervisor = Supervisor(service)
     SupervisorPlugin(cherrypy.engine, supervisor,
                      cfg.supervisor_interval).subscribe()
@@ -210,5 +310,8 @@ def build(cfg: WorkerConfig) -> VMService:
             "tools.encode.on": False,
         },
     }
-    cherrypy.tree.mount(Root(service, jobs), "/", app_config)
+    root = Root(service, jobs)
+    app_config["/"]["tools.vmworker_access.sessions"] = root.webui.sessions
+    app_config.update(root.webui.app_config())
+    cherrypy.tree.mount(root, "/", app_config)
     return service

@@ -14,6 +14,7 @@ import os
 from .errors import ConfigError
 
 ACCELS = ("auto", "kvm", "tcg")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Unix socket paths are limited to 107 bytes; the longest one the worker
 # makes is VAR/vms/<36-char uuid>/qmp-events.sock.
 _LONGEST_SUFFIX = len("/vms/") + 36 + len("/qmp-events.sock")
@@ -22,6 +23,8 @@ _MAX_SOCKET_PATH = 107
 
 @dataclasses.dataclass(frozen=True)
 class WorkerConfig:
+    #: Runtime data: journal, logs, per-VM folders, image cache, failed
+    #: saves. Relative to the working folder; at most 50 characters long.
     var_dir: str = "./var"
     #: Folders from which local images may be read and into which saves may
     #: be written. Empty means VAR/storage.
@@ -34,6 +37,7 @@ class WorkerConfig:
     vnc_display_count: int = 1000
     #: ``auto`` uses KVM when /dev/kvm can be opened, else TCG.
     accel: str = "auto"
+    #: The QEMU emulator and image tool run (looked up in PATH).
     qemu_binary: str = "qemu-system-x86_64"
     qemu_img_binary: str = "qemu-img"
     #: Seconds QEMU gets from spawn to an answered QMP command.
@@ -43,10 +47,21 @@ class WorkerConfig:
     #: Connect and read timeouts for HTTP(S)/FTP image transfers, seconds.
     fetch_connect_timeout: float = 10.0
     fetch_read_timeout: float = 60.0
+    #: Size limit of the shared image cache (VAR/images), MB; least
+    #: recently used images that no live VM needs are evicted past it.
+    #: 0 means no limit.
+    image_cache_max_mb: int = 51200
+    #: Seconds before the second save try; the third waits twice as long.
+    save_backoff: float = 1.0
+    #: Past this size (MB) the journal is compacted: one snapshot record
+    #: per VM kept, ended VMs older than the retention dropped.
+    journal_compact_mb: float = 64.0
+    #: Hours an ended VM stays in the journal (and in list/status).
+    journal_retention_hours: float = 168.0
     #: How often the supervisor reconciles when no QEMU event wakes it.
     supervisor_interval: float = 1.0
     #: Threads that fetch images and start QEMU.
-    start_workers: int = 16
+    start_workers: int = 32
     #: MB of host memory kept for the host itself; admission refuses VMs
     #: that would eat into it.
     memory_reserve_mb: int = 512
@@ -56,7 +71,28 @@ class WorkerConfig:
     cpu_overcommit: float = 4.0
     #: Bearer token required by every request when set.
     api_token: str = ""
+    #: Allow listening on a non-loopback address without an api_token.
+    insecure: bool = False
+    #: Seconds a web UI login (its HttpOnly session cookie) lasts.
+    webui_session_lifetime: float = 43200.0
+    #: Seconds a console token, minted when the console page loads, stays
+    #: redeemable (once) by that page.
+    console_token_lifetime: float = 60.0
+    #: Seconds the one-time VNC password set for a console opening can be
+    #: used to connect (a connected console stays connected after it).
+    console_password_lifetime: float = 30.0
+    #: Where Debian's novnc package put noVNC; served as /static/novnc/.
+    novnc_dir: str = "/usr/share/novnc"
+    #: Least severe level written to the logs: DEBUG, INFO, WARNING, ERROR.
     log_level: str = "INFO"
+    #: The worker's log; relative paths are inside the var dir. Empty means
+    #: VAR/log/worker.log. The HTTP access log (access.log) lies beside it.
+    log_file: str = ""
+    #: Size at which a log file is rotated (worker.log -> worker.log.1 ...),
+    #: bytes; 0 never rotates (for logrotate, which sends SIGHUP to reopen).
+    log_max_bytes: int = 10 << 20
+    #: Rotated log files kept (worker.log.1 ... worker.log.N).
+    log_backups: int = 5
 
     def __post_init__(self):
         if self.accel not in ACCELS:
@@ -64,19 +100,40 @@ class WorkerConfig:
                               f"not {self.accel!r}")
         for name in ("qemu_start_timeout", "qemu_stop_timeout",
                      "fetch_connect_timeout", "fetch_read_timeout",
-                     "supervisor_interval", "cpu_overcommit"):
+                     "supervisor_interval", "cpu_overcommit",
+                     "webui_session_lifetime", "console_token_lifetime",
+                     "console_password_lifetime"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, "
                                   f"not {getattr(self, name)!r}")
         if not 0 <= self.vnc_display_base or self.vnc_display_count < 1:
             raise ConfigError("vnc_display_base must be >= 0 and "
                               "vnc_display_count >= 1")
+        if self.journal_compact_mb <= 0 or self.journal_retention_hours < 0:
+            raise ConfigError("journal_compact_mb must be positive and "
+                              "journal_retention_hours not negative")
+        if self.image_cache_max_mb < 0 or self.save_backoff < 0:
+            raise ConfigError("image_cache_max_mb and save_backoff must not "
+                              "be negative")
         if self.start_workers < 1:
             raise ConfigError("start_workers must be at least 1")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, "
+                              f"not {self.log_level!r}")
+        for name in ("log_max_bytes", "log_backups"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, "
+                                  f"not {getattr(self, name)!r}")
 
     @property
     def var(self) -> str:
         return os.path.realpath(self.var_dir)
+
+    @property
+    def log_path(self) -> str:
+        """The worker log's absolute path (``log_file`` or VAR/log/worker.log)."""
+        return os.path.join(self.var, self.log_file or
+                            os.path.join("log", "worker.log"))
 
     @property
     def roots(self) -> tuple[str, ...]:

@@ -101,6 +101,13 @@ class Driver(abc.ABC):
         """QEMU's run state, asked now (``query-status``)."""
 
     @abc.abstractmethod
+    def open_console(self, uuid: str, paths: VMPaths, password: str,
+                     lifetime: float) -> tuple[str, int] | None:
+        """Let the web console in with a one-time password for ``lifetime``
+        seconds; return the console's websocket (host, port), or None if
+        the VM has none."""
+
+    @abc.abstractmethod
     def change_cd(self, uuid: str, paths: VMPaths, disk: Disk | None) -> None:
         """Insert a medium in the CD drive, or eject it with None."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import shutil
 import signal
 import threading
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 DRIVE_INDEX = {"hda": 0, "hdb": 1, "cd": 2}
 CD_DEVICE = "cd0"
+VNC_PLAIN = "vnc"
+VNC_CONSOLE = "console"
 
 
 def kvm_usable() -> bool:
@@ -41,8 +44,22 @@ def kvm_usable() -> bool:
 
 def command_line(spec: VMSpec, *, binary: str, accel: str, vnc_listen: str,
                  vnc_display: int, vnc_to: int) -> list[str]:
-    """QEMU's argv for ``spec`` (pure: easy to read and to test)."""
+    """QEMU's argv for ``spec`` (pure: easy to read and to test).
+
+    Two VNC servers: ``vnc`` is the plain one whose address the API reports
+    (for the master's and operators' VNC clients, as DESIGN.md promises),
+    and ``console`` also speaks websocket for the web console's noVNC and
+    requires a password. A websocket is reachable from any web page in any
+    browser that can reach ``vnc_listen`` (browsers do not apply the
+    same-origin policy to websockets), so it never runs without one: no
+    password is set at start, and the web console sets a one-time one
+    through QMP (``set_password`` with ``display=console``) after checking
+    its single-use token. QEMU searches each port on its own (the websocket
+    from 5700 + display: measured on QEMU 7.2), so ports are read back with
+    ``query-vnc-servers``, never computed.
+    """
     paths = spec.paths
+    vnc = f"{_vnc_host(vnc_listen)}:{vnc_display},to={vnc_to}"
     argv = [
         binary,
         "-name", f"guest={spec.name},process=vmworker-{spec.uuid}",
@@ -54,7 +71,8 @@ def command_line(spec: VMSpec, *, binary: str, accel: str, vnc_listen: str,
         "-nodefaults", "-no-user-config",
         "-vga", "std",
         "-display", "none",
-        "-vnc", f"{_vnc_host(vnc_listen)}:{vnc_display},to={vnc_to}",
+        "-vnc", f"{vnc},id={VNC_PLAIN}",
+        "-vnc", f"{vnc},id={VNC_CONSOLE},websocket=on,password=on",
         "-no-shutdown",
         "-qmp", f"unix:{paths.qmp},server=on,wait=off",
         "-qmp", f"unix:{paths.qmp_events},server=on,wait=off",
@@ -165,11 +183,13 @@ class QemuDriver(Driver):
                 raise HypervisorError(
                     f"QEMU did not open its monitor within {timeout:g} s")
             time.sleep(delay)
-            delay = min(delay * 2, 0.05)
-        status = self.hub.execute(spec.uuid, paths.qmp, "query-status",
-                                  timeout=max(1.0, deadline - time.monotonic()))
+            delay = min(delay * 2, 0.01)
+        status, vnc = self.hub.execute_many(
+            spec.uuid, paths.qmp,
+            [("query-status", None), ("query-vnc-servers", None)],
+            timeout=max(1.0, deadline - time.monotonic()))
         self.hub.set_runstate(spec.uuid, status["status"])
-        return self.vnc_address(spec.uuid, paths)
+        return self._vnc(vnc)
 
     def adopt(self, uuid: str, paths: VMPaths, handle: Handle) -> bool:
         if not self.owns(uuid, handle):
@@ -231,11 +251,42 @@ class QemuDriver(Driver):
                            exit_detail=state.shutdown_reason)
 
     def vnc_address(self, uuid: str, paths: VMPaths) -> str:
-        info = self.hub.execute(uuid, paths.qmp, "query-vnc")
-        if not info.get("enabled"):
-            return ""
-        host = info.get("host") or self.vnc_listen
-        return f"{_vnc_host(host)}:{info['service']}"
+        return self._vnc(self.hub.execute(uuid, paths.qmp, "query-vnc-servers"))
+
+    def open_console(self, uuid: str, paths: VMPaths, password: str,
+                     lifetime: float) -> tuple[str, int] | None:
+        """Set a one-time password on the console VNC; return its websocket.
+
+        None when the VM's QEMU has no console server (started by an older
+        worker).
+        """
+        servers = self.hub.execute(uuid, paths.qmp, "query-vnc-servers")
+        for display in servers:
+            if display.get("id") != VNC_CONSOLE:
+                continue
+            for server in display.get("server", []):
+                if server.get("websocket"):
+                    self.hub.execute_many(uuid, paths.qmp, [
+                        ("set_password", {"protocol": "vnc", "password": password,
+                                          "display": VNC_CONSOLE}),
+                        ("expire_password", {"protocol": "vnc",
+                                             "time": f"+{max(1, round(lifetime))}",
+                                             "display": VNC_CONSOLE})])
+                    return server.get("host", ""), int(server["service"])
+        return None
+
+    def _vnc(self, servers: list) -> str:
+        """host:port of the plain VNC server, from ``query-vnc-servers``."""
+        for display in servers:
+            if display.get("id") != VNC_PLAIN:
+                continue
+            for server in display.get("server", []):
+                if not server.get("websocket"):
+                    host = server.get("host") or self.vnc_listen
+                    if host in ("0.0.0.0", "::"):
+                        host = self.vnc_listen
+                    return f"{_vnc_host(host)}:{server['service']}"
+        return ""
 
     # -- commands -----------------------------------------------------------
 
@@ -328,16 +379,31 @@ class QemuDriver(Driver):
             delay = min(delay * 2, 0.05)
 
     def _wait_gone(self, handle: Handle, timeout: float, kill_after=True) -> bool:
+        """Wait until the process has exited (a pidfd wakes us at once)."""
         deadline = time.monotonic() + timeout
-        delay = 0.001
-        while self._alive(handle):
-            if time.monotonic() > deadline:
-                if not kill_after:
-                    return False
-                raise HypervisorError(
-                    f"QEMU pid {handle.pid} did not exit within {timeout:g} s")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        try:
+            pidfd = os.pidfd_open(handle.pid)
+        except OSError:
+            pidfd = None  # already gone, or no pidfd support: poll instead
+        try:
+            poller = select.poll()
+            if pidfd is not None:
+                poller.register(pidfd, select.POLLIN)
+            while self._alive(handle):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if not kill_after:
+                        return False
+                    raise HypervisorError(
+                        f"QEMU pid {handle.pid} did not exit within "
+                        f"{timeout:g} s")
+                if pidfd is not None:
+                    poller.poll(min(remaining, 0.05) * 1000)
+                else:
+                    time.sleep(min(remaining, 0.005))
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
         return True
 
 

@@ -85,7 +85,17 @@ class QMPHub:
         return self._call(self._execute(uuid, socket_path, command, arguments),
                           timeout)
 
+    def execute_many(self, uuid: str, socket_path: str, commands,
+                     timeout: float = 10.0) -> list:
+        """Run several commands in one monitor session (one greeting)."""
+        return self._call(self._execute_many(uuid, socket_path, commands),
+                          timeout)
+
     async def _execute(self, uuid, socket_path, command, arguments):
+        return (await self._execute_many(uuid, socket_path,
+                                         [(command, arguments)]))[0]
+
+    async def _execute_many(self, uuid, socket_path, commands):
         lock = self._locks.setdefault(uuid, asyncio.Lock())
         async with lock:
             client = QMPClient(f"vm-{uuid}-cmd")
@@ -94,8 +104,12 @@ class QMPHub:
             except ConnectError as err:
                 raise HypervisorError(
                     f"cannot reach QMP of VM {uuid}: {err.exc or err}") from err
+            command = commands[0][0]
             try:
-                return await client.execute(command, arguments)
+                results = []
+                for command, arguments in commands:
+                    results.append(await client.execute(command, arguments))
+                return results
             except ExecuteError as err:
                 raise QMPCommandError(
                     f"QEMU refused {command}: {err.error.desc}") from err
