@@ -8,6 +8,10 @@ PY := $(VENV)/bin/python
 ARGS ?=
 # command:package pairs checked before anything runs
 SYSTEM_DEPS := qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils as:binutils
+# file:package pairs: noVNC (the web console, served as /static/novnc/) and
+# Chromium (the browser tests). Recommends stay out: with them, udev and
+# upower fail to configure on these machines and apt exits 100.
+FILE_DEPS := /usr/share/novnc/core/rfb.js:novnc /usr/bin/chromium:chromium
 
 .PHONY: run test deps venv clean
 
@@ -21,6 +25,9 @@ deps:
 	@missing=""; \
 	for pair in $(SYSTEM_DEPS); do \
 		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
+	for pair in $(FILE_DEPS); do \
+		[ -e $${pair%%:*} ] || missing="$$missing $${pair#*:}"; \
 	done; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
@@ -38,3 +45,19 @@ $(VENV)/.installed: requirements.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Benchmarks (issue 7): `make bench` writes BENCHMARKS.md (about 5-10 min),
+# `make bench-quick` is the one-minute version. wrk is used when it can be
+# installed, else a Python load generator. BENCH_ARGS passes options through
+# (e.g. BENCH_ARGS="--rows start,journal" or "--output /tmp/b.md").
+BENCH_ARGS ?=
+
+.PHONY: bench bench-quick
+
+bench: deps venv
+	@command -v wrk >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk >/dev/null 2>&1 || echo "wrk not installable: the status row uses the Python load generator"
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+bench-quick: deps venv
+	@command -v wrk >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk >/dev/null 2>&1 || echo "wrk not installable: the status row uses the Python load generator"
+	$(PY) bench/run.py --quick $(BENCH_ARGS)
