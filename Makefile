@@ -6,28 +6,34 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
-# command:package pairs checked before anything runs
-SYSTEM_DEPS := qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils as:binutils
-# file:package pairs: noVNC (the web console, served as /static/novnc/) and
-# Chromium (the browser tests). Recommends stay out: with them, udev and
-# upower fail to configure on these machines and apt exits 100.
-FILE_DEPS := /usr/share/novnc/core/rfb.js:novnc /usr/bin/chromium:chromium
+# path:package pairs checked before anything runs (a bare name is looked up
+# on PATH). The worker needs QEMU and noVNC (the web console, served as
+# /static/novnc/); the tests also need binutils (to assemble the boot-sector
+# guests) and Chromium (the browser tests). Recommends stay out: with them,
+# udev and upower fail to configure on these machines and apt exits 100.
+RUN_DEPS := qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils \
+	/usr/share/novnc/core/rfb.js:novnc
+TEST_DEPS := $(RUN_DEPS) as:binutils /usr/bin/chromium:chromium
 
 .PHONY: run test deps venv clean
 
+run: DEPS = $(RUN_DEPS)
 run: deps venv
 	$(PY) worker.py $(ARGS)
 
+test: DEPS = $(TEST_DEPS)
 test: deps venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+DEPS ?= $(TEST_DEPS)
 deps:
 	@missing=""; \
-	for pair in $(SYSTEM_DEPS); do \
-		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
-	done; \
-	for pair in $(FILE_DEPS); do \
-		[ -e $${pair%%:*} ] || missing="$$missing $${pair#*:}"; \
+	for pair in $(DEPS); do \
+		want=$${pair%%:*}; \
+		case $$want in \
+		/*) [ -e $$want ] || missing="$$missing $${pair#*:}" ;; \
+		*) command -v $$want >/dev/null 2>&1 || missing="$$missing $${pair#*:}" ;; \
+		esac; \
 	done; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \

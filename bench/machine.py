@@ -33,15 +33,6 @@ def load() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def kvm_usable() -> bool:
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
-
-
 def commit(root: str) -> str:
     """Short HEAD, marked when the tree has changes; "uncommitted" if none."""
     try:

@@ -33,6 +33,7 @@ from bench import journalrow, machine, report, statusrow, vmrows  # noqa: E402
 from bench.context import Context  # noqa: E402
 from bench.procs import CHILDREN  # noqa: E402
 from bench.results import Row  # noqa: E402
+from vmworker.hypervisor.qemu import kvm_usable  # noqa: E402
 
 #: The rows, in the order they run. A later row is one more entry here.
 ROWS = {
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     accel = args.accel
     if accel == "auto":
-        accel = "kvm" if machine.kvm_usable() else "tcg"
+        accel = "kvm" if kvm_usable() else "tcg"
     base = tempfile.mkdtemp(prefix="vwb", dir="/tmp")  # short: socket paths
     ctx = Context(quick=args.quick, base=base, accel=accel)
     began = time.monotonic()

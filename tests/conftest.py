@@ -20,6 +20,7 @@ import time
 import psutil
 import pytest
 import requests
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -133,6 +134,15 @@ class Worker:
                        hda_image=image, **params)
         return body["uuid"]
 
+    def qmp(self, uuid: str, command: str, **args):
+        """Ask QEMU itself, on the VM's command monitor (not our status)."""
+        mon = QEMUMonitorProtocol(str(self.var / "vms" / uuid / "qmp.sock"))
+        mon.connect()
+        try:
+            return mon.cmd(command, **args)
+        finally:
+            mon.close()
+
     # -- what runs ------------------------------------------------------------
 
     def qemu_processes(self) -> list[psutil.Process]:
@@ -156,6 +166,20 @@ class Worker:
         dest = self.storage / (name or built.name)
         shutil.move(str(built), dest)
         return str(dest)
+
+
+def gone(pid: int, timeout: float = 20) -> bool:
+    """Wait until ``pid`` (not our child) has exited; a zombie has."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 def _teardown(worker: Worker) -> list[int]:

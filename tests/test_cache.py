@@ -18,7 +18,6 @@ import subprocess
 import time
 
 import pytest
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
 import guests
 from servers import FileServer, FTPServer
@@ -52,13 +51,6 @@ def sha256(path) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def qmp(worker, uuid, command, **args):
-    mon = QEMUMonitorProtocol(str(worker.var / "vms" / uuid / "qmp.sock"))
-    mon.connect()
-    try:
-        return mon.cmd(command, **args)
-    finally:
-        mon.close()
 
 
 def blobs(worker) -> set[str]:
@@ -183,7 +175,7 @@ def test_cd_insert_and_eject_are_seen_by_qemu(worker, http, tmp_path):
     worker.wait_for(uuid, "running")
 
     def cd():
-        return next(d for d in qmp(worker, uuid, "query-block")
+        return next(d for d in worker.qmp(uuid, "query-block")
                     if d["device"] == "cd0")
 
     assert "inserted" not in cd()

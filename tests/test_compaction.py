@@ -100,7 +100,7 @@ def test_a_kill_at_any_step_of_compaction_replays_to_the_same_state(
     elif step == "rename":
         monkeypatch.setattr(journal_mod.os, "replace", die)
     else:
-        monkeypatch.setattr(journal_mod, "_fsync_dir", die)
+        monkeypatch.setattr(journal_mod.fsutil, "fsync_dir", die)
     with pytest.raises(Killed):
         j.rewrite([snapshot_event(vm) for vm in expected.values()])
     monkeypatch.setattr(journal_mod.os, "fsync", real_fsync)

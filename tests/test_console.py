@@ -14,7 +14,6 @@ import time
 
 import pytest
 import requests
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from servers import free_port
 from vmworker.console import ConsoleTokens
@@ -128,13 +127,6 @@ class Browser:
                               timeout=10)
 
 
-def qmp(worker, uuid: str, command: str, **args):
-    mon = QEMUMonitorProtocol(str(worker.var / "vms" / uuid / "qmp.sock"))
-    mon.connect()
-    try:
-        return mon.cmd(command, **args)
-    finally:
-        mon.close()
 
 
 def rfb_security_types(host: str, port: int) -> bytes:
@@ -152,7 +144,7 @@ def test_console_exchange_sets_a_one_time_vnc_password(worker, cleanup):
     # The VNC address the API reports is the plain server, for VNC clients
     # (DESIGN.md); the console's server asks for a password nobody has yet.
     assert rfb_security_types(host, int(port)) == b"\x01"
-    console = next(d for d in qmp(worker, uuid, "query-vnc-servers")
+    console = next(d for d in worker.qmp(uuid, "query-vnc-servers")
                    if d["id"] == "console")
     plain_port = next(int(s["service"]) for s in console["server"]
                       if not s["websocket"])
@@ -166,7 +158,7 @@ def test_console_exchange_sets_a_one_time_vnc_password(worker, cleanup):
     assert resp.headers["Cache-Control"] == "no-store"
     grant = resp.json()
     assert grant["uuid"] == uuid and len(grant["password"]) == 8
-    console = next(d for d in qmp(worker, uuid, "query-vnc-servers")
+    console = next(d for d in worker.qmp(uuid, "query-vnc-servers")
                    if d["id"] == "console")
     ws = [s for s in console["server"] if s["websocket"]]
     assert ws and int(ws[0]["service"]) == grant["port"]

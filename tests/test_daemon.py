@@ -17,25 +17,11 @@ import time
 import psutil
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, gone
 from servers import free_port
 from vmworker import daemon
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def gone(pid: int, timeout: float = 20) -> bool:
-    """Wait until ``pid`` (not our child) has exited; a zombie has."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
 
 
 def stop_by_pid(pid: int | None) -> None:

@@ -14,32 +14,17 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import psutil
 import pytest
 import requests
 
-from conftest import END, ROOT
+from conftest import END, ROOT, gone
 from vmworker import daemon
 
 pytestmark = pytest.mark.timeout(90)
 
 SCRIPT = ROOT / "init.d" / "vmworker"
-
-
-def gone(pid: int, timeout: float = 20) -> bool:
-    """Wait until ``pid`` (not our child) has exited; a zombie has."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
 
 
 class Service:

@@ -12,19 +12,13 @@ import time
 
 import psutil
 import pytest
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("cleanup")]
 
 
 def qmp_status(worker, uuid: str) -> str:
     """QEMU's own run state, asked on the VM's command monitor."""
-    qmp = QEMUMonitorProtocol(str(worker.var / "vms" / uuid / "qmp.sock"))
-    qmp.connect()
-    try:
-        return qmp.cmd("query-status")["status"]
-    finally:
-        qmp.close()
+    return worker.qmp(uuid, "query-status")["status"]
 
 
 def rfb_banner(address: str) -> bytes:

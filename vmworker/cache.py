@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Callable, Iterable
 
-from . import images
+from . import fsutil, images
 from .errors import ImageError
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class ImageCache:
         """A .part left by a killed worker is never trusted; start over."""
         for name in os.listdir(self.directory):
             if name.endswith((".part", ".json.tmp")):
-                images.unlink(os.path.join(self.directory, name))
+                fsutil.unlink(os.path.join(self.directory, name))
 
     # -- the one entry point --------------------------------------------------
 
@@ -139,12 +139,12 @@ class ImageCache:
             self._touch(self.blob(record["sha256"]))
             return _entry(self.blob(record["sha256"]), record)
         except BaseException:
-            images.unlink(part)
+            fsutil.unlink(part)
             raise
         try:
             info = images.probe(part, self.qemu_img)
         except ImageError:
-            images.unlink(part)
+            fsutil.unlink(part)
             raise
         record = {"uri": uri, "size": got.size, "sha256": got.sha256,
                   "format": info["format"],
@@ -152,12 +152,12 @@ class ImageCache:
                   "fetched": time.time()}
         blob = self.blob(got.sha256)
         if os.path.exists(blob):
-            images.unlink(part)  # same content as a blob we hold
+            fsutil.unlink(part)  # same content as a blob we hold
             self._touch(blob)
         else:
             self._evict(need=got.size, keep=got.sha256)
             os.replace(part, blob)
-        _write_json(record_path, record)
+        fsutil.write_json(record_path, record)
         log.info("image cache: %s stored as %s (%d bytes, %s)", uri,
                  got.sha256[:12], got.size, info["format"])
         return _entry(blob, record)
@@ -209,7 +209,7 @@ class ImageCache:
                 break
             if key in pinned:
                 continue
-            images.unlink(self.blob(key))  # records pointing here go stale
+            fsutil.unlink(self.blob(key))  # records pointing here go stale
             total -= size
             log.info("image cache: evicted %s (%d bytes)", key, size)
         if total > self.max_bytes:
@@ -220,17 +220,3 @@ class ImageCache:
 def _entry(blob: str, record: dict) -> CachedImage:
     return CachedImage(path=blob, format=record["format"],
                        size=int(record["size"]), sha256=record["sha256"])
-
-
-def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -318,13 +318,6 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
-def unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 def _root_cause(err: BaseException) -> str:
     while err.__cause__ is not None or err.__context__ is not None:
         err = err.__cause__ or err.__context__

@@ -33,6 +33,7 @@ import time
 import zlib
 from typing import Iterator
 
+from . import fsutil
 from .errors import JournalCorrupt, JournalError
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ class Journal:
         """Read every whole record, repair a torn tail, open for appends."""
         os.makedirs(self.directory, exist_ok=True)
         # A compaction killed before its rename: the old log is complete.
-        _unlink(self.path + ".compact")
+        fsutil.unlink(self.path + ".compact")
         started = time.monotonic()
         try:
             with open(self.path, "rb") as f:
@@ -148,7 +149,7 @@ class Journal:
         if valid < len(data):
             os.ftruncate(self._fd, valid)
             os.fsync(self._fd)
-        _fsync_dir(self.directory)
+        fsutil.fsync_dir(self.directory)
         log.info("journal: replayed %d records (%d bytes) in %.1f ms",
                  len(records), valid, (time.monotonic() - started) * 1000)
         return records
@@ -178,9 +179,9 @@ class Journal:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, self.path)
-                _fsync_dir(self.directory)
+                fsutil.fsync_dir(self.directory)
             except OSError as err:
-                _unlink(tmp)
+                fsutil.unlink(tmp)
                 raise JournalError(f"compacting the journal failed: {err}") from err
             old, self._fd = self._fd, os.open(
                 self.path, os.O_WRONLY | os.O_APPEND, 0o600)
@@ -285,18 +286,3 @@ def read_records(path: str) -> Iterator[dict]:
     with open(path, "rb") as f:
         records, _ = parse(f.read(), path)
     return iter(records)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

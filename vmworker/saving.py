@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ftplib
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -24,7 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 import requests
 
-from . import images, validation
+from . import fsutil, images, validation
 from .errors import ImageError, VMWorkerError
 
 log = logging.getLogger(__name__)
@@ -123,15 +122,8 @@ class SaveJob:
                           "format": fmt, "size": _size(dest),
                           "sha256": images.sha256_of(dest),
                           "errors": errors.get(slot, [])}
-        sidecar = os.path.join(folder, "failed_to_save.json")
-        tmp = sidecar + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"uuid": vm.uuid, "name": vm.name, "images": kept}, f,
-                      indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, sidecar)
-        _fsync_dir(folder)
+        fsutil.write_json(os.path.join(folder, "failed_to_save.json"),
+                          {"uuid": vm.uuid, "name": vm.name, "images": kept})
         where = "; ".join(f"{slot} kept in {info['path']}"
                           for slot, info in kept.items())
         svc.commit(vm.uuid, "save_failed",
@@ -205,7 +197,7 @@ def _save_file(path: str, dest: str, roots) -> None:
         if images.sha256_of(tmp) != digest.hexdigest():
             raise SaveError(f"{dest}: what was written differs from the image")
         os.replace(tmp, dest)
-        _fsync_dir(folder)
+        fsutil.fsync_dir(folder)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -237,11 +229,3 @@ def _size(path: str) -> int | None:
         return os.path.getsize(path)
     except OSError:
         return None
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

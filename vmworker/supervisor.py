@@ -91,12 +91,15 @@ class Supervisor:
         elif action.kind is Kind.RUN_START_JOB:
             svc.run_job("start", uuid)
         elif action.kind is Kind.HALT:
-            vm = svc.commit(uuid, "halted", reason=action.reason)
             handle = _handle(vm)
             if handle is not None:
-                # quit lets QEMU flush and close the disks before saving.
+                # QEMU goes first (quit lets it flush and close the disks),
+                # so that no one sees "stopped" while it still runs. A
+                # worker killed in between finds the process gone after its
+                # restart: a halt all the same, and the disks are saved.
                 svc.driver.quit(uuid, svc.layout.vm(uuid), handle,
                                 svc.cfg.qemu_stop_timeout)
+            vm = svc.commit(uuid, "halted", reason=action.reason)
             if vm.status is Status.SAVING:
                 svc.run_job("save", uuid)
         elif action.kind is Kind.RUN_SAVE_JOB:
