@@ -72,6 +72,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     time.sleep(self.server.slow)
 
     def do_PUT(self):
+        with self.server.lock:
+            self.server.puts_started += 1
+        for _ in range(600):  # ``hold`` stalls uploads too (bounded)
+            if not self.server.hold.is_set():
+                break
+            time.sleep(0.05)
         length = int(self.headers.get("Content-Length", "0"))
         remaining = length
         data = bytearray()
@@ -108,6 +114,7 @@ class FileServer(http.server.ThreadingHTTPServer):
         self.upload_dir = upload_dir
         self.fail_puts = fail_puts
         self.put_attempts: list[str] = []
+        self.puts_started = 0
         self.gets: list[str] = []
         self.lock = threading.Lock()
         self.hold = threading.Event()

@@ -182,3 +182,12 @@ def test_web_page_lists_vms_and_escapes_what_it_shows(worker):
         assert "page-vm" in resp.text and uuid in resp.text
         assert "running" in resp.text
     assert "<script>alert" not in resp.text
+
+
+def test_admission_refuses_a_vm_when_the_disk_is_full(make_worker):
+    # A reserve larger than the disk: whatever is free is not enough.
+    w = make_worker("disk_reserve_mb = 100000000\n").start()
+    code, body = w.call("start", name="no-room", cpu_count=1, mem_size=32,
+                        hda_image=w.image("idle"))
+    assert code == 503 and "disk" in body["message"]
+    assert os.listdir(w.var / "vms") == []

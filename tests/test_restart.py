@@ -108,3 +108,27 @@ def test_a_start_interrupted_before_qemu_runs_is_resumed(make_worker, tmp_path):
         vm = w.wait_for(uuid, "running", timeout=30)
     assert len(w.qemu_processes()) == 1
     assert vm["pid"] == w.qemu_processes()[0].pid
+
+
+def test_a_kill_9_while_saving_resumes_the_save_after_restart(make_worker,
+                                                              tmp_path):
+    # The upload hangs, the worker is killed mid-try; the next worker
+    # counts that try as spent, tries again, and the guest's data arrives.
+    www, uploads = tmp_path / "www", tmp_path / "up"
+    www.mkdir()
+    uploads.mkdir()
+    with FileServer(str(www), str(uploads)) as http:
+        w = make_worker("save_backoff = 0.1\n").start()
+        image = w.image("write-then-poweroff", marker=b"saved after a kill")
+        uuid = w.start_vm("kill-saving", image, hda_save_to=http.url("k.img"))
+        http.hold.set()
+        vm = w.wait_for(uuid, "saving", timeout=60)
+        deadline = time.monotonic() + 20
+        while not http.puts_started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        w.stop(signal.SIGKILL)
+        http.hold.clear()
+        w.start()
+        vm = w.wait_for(uuid, "stopped", timeout=60)
+    assert vm["save_tries"] == {"hda": 2}
+    assert guests.read_marker(uploads / "k.img") == b"saved after a kill"

@@ -65,6 +65,9 @@ class WorkerConfig:
     #: MB of host memory kept for the host itself; admission refuses VMs
     #: that would eat into it.
     memory_reserve_mb: int = 512
+    #: MB of free disk under the var dir kept for the host; admission
+    #: refuses a VM whose local images would not fit beside it.
+    disk_reserve_mb: int = 1024
     #: Memory QEMU itself needs per VM on top of the guest's, MB.
     qemu_overhead_mb: int = 64
     #: Guest vCPUs allowed per host CPU.

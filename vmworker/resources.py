@@ -46,8 +46,19 @@ def usage(vms: Iterable[VMRecord], overhead_mb: int) -> Usage:
 
 
 def admit(params: dict, vms: Iterable[VMRecord], host: Host, *,
-          reserve_mb: int, overhead_mb: int, cpu_overcommit: float) -> None:
-    """Raise NotEnoughResources unless a VM with ``params`` fits."""
+          reserve_mb: int, overhead_mb: int, cpu_overcommit: float,
+          disk_free_mb: int | None = None, disk_need_mb: int = 0,
+          disk_reserve_mb: int = 0) -> None:
+    """Raise NotEnoughResources unless a VM with ``params`` fits.
+
+    Disk: what is free under the var dir, less a reserve, must hold the
+    VM's images that are known now (local ones); overlays start empty.
+    """
+    if disk_free_mb is not None and disk_need_mb > disk_free_mb - disk_reserve_mb:
+        raise NotEnoughResources(
+            f"not enough resource: asked {disk_need_mb} MB of disk for the "
+            f"images, free {max(disk_free_mb - disk_reserve_mb, 0)} MB "
+            f"({disk_free_mb} MB free, reserve {disk_reserve_mb} MB)")
     used = usage(vms, overhead_mb)
     want_mem = int(params["mem_size"]) + overhead_mb
     free_mem = host.memory_mb - reserve_mb - used.memory_mb

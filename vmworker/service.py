@@ -14,6 +14,7 @@ start job that is spawning QEMU never cross.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
@@ -175,7 +176,10 @@ class VMService:
                 resources.admit(params, self._vms.values(), self.host,
                                 reserve_mb=self.cfg.memory_reserve_mb,
                                 overhead_mb=self.cfg.qemu_overhead_mb,
-                                cpu_overcommit=self.cfg.cpu_overcommit)
+                                cpu_overcommit=self.cfg.cpu_overcommit,
+                                disk_free_mb=shutil.disk_usage(self.layout.var).free >> 20,
+                                disk_need_mb=_local_images_mb(params),
+                                disk_reserve_mb=self.cfg.disk_reserve_mb)
                 vm = state.apply(None, event)
                 ticket = self.journal.submit(event)
                 self._vms[uuid] = vm
@@ -294,3 +298,16 @@ class VMService:
         except HypervisorError as err:
             log.warning("closing the hypervisor driver: %s", err)
         self.journal.close()
+
+
+def _local_images_mb(params: dict) -> int:
+    """Size of the VM's images that are local files (known before fetching)."""
+    total = 0
+    for slot in ("hda", "hdb", "cd"):
+        path = validation.local_path(str(params.get(f"{slot}_image") or ""), slot)
+        if path:
+            try:
+                total += os.path.getsize(path)
+            except OSError:
+                pass  # validation found it; the fetch will say what changed
+    return total >> 20
