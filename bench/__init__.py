@@ -18,5 +18,9 @@ Modules, one concern each::
     loadgen.py      wrk, or a bounded Python load generator
     bare_cherrypy.py  the bare CherryPy peer (run as its own process)
     journalrow.py   journal appends and replay vs SQLite WAL
+    libvirtrow.py   start latency vs libvirt createXML (runs virtlogd/libvirtd)
+    libvirt_create.py  the libvirt client, run by Debian's python3
+    supervisorrow.py  supervisor tick and worker RSS from /worker/stats
+    imagerows.py    issue 3: start time vs image size, save throughput
     report.py       the printed table and BENCHMARKS.md
 """

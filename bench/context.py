@@ -34,6 +34,9 @@ class Context:
     leaks: list[str] = dataclasses.field(default_factory=list)
     worker_config: dict = dataclasses.field(
         default_factory=lambda: dict(WORKER_CONFIG))
+    #: What one row measured for a later one (e.g. the status row's worker
+    #: statistics with 0 and N VMs, reported by the supervisor row).
+    shared: dict = dataclasses.field(default_factory=dict)
 
     def pick(self, quick: int | float, full: int | float):
         """The quick-mode or the full-mode value of a setting."""

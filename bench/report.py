@@ -32,6 +32,9 @@ def text_table(rows: list[Row]) -> str:
         if row.error:
             lines.append([f"  ERROR: {row.error}"])
             continue
+        if row.unavailable:
+            lines.append([f"  not measurable here: {row.unavailable}"])
+            continue
         for m in row.measures:
             cells = _cells(m)
             lines.append(["  " + _plain(cells[0])] + [_plain(c) for c in cells[1:]])
@@ -88,6 +91,10 @@ def markdown(rows: list[Row], machine: dict[str, str], *, quick: bool,
             out.append(f"| {row.key} | **not produced**: {_md(row.error)} "
                        "| | | | | | |")
             continue
+        if row.unavailable:
+            out.append(f"| {row.key} | not measurable here: "
+                       f"{_md(row.unavailable)} | | | | | | |")
+            continue
         for m in row.measures:
             cells = _cells(m)
             if cells[-1] == "MISSED":
@@ -103,6 +110,10 @@ def markdown(rows: list[Row], machine: dict[str, str], *, quick: bool,
         out += ["", f"## {row.title}", ""]
         if row.error:
             out += [f"Not produced: {row.error}"]
+            continue
+        if row.unavailable:
+            out += [f"Not measurable here: {row.unavailable}", "",
+                    f"Row time: {row.seconds:.1f} s."]
             continue
         for m in row.measures:
             if m.note:

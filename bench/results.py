@@ -92,6 +92,9 @@ class Row:
     table: list[list[str]] = dataclasses.field(default_factory=list)
     table_title: str = ""
     error: str = ""
+    #: Why the row cannot be measured on this machine (a peer that cannot
+    #: run here): reported instead of figures, not a failure of the run.
+    unavailable: str = ""
     seconds: float = 0.0
 
     @property

@@ -12,6 +12,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -166,6 +167,15 @@ class Worker:
         dest = self.storage / (name or built.name)
         shutil.move(str(built), dest)
         return str(dest)
+
+
+def rfb_security_types(host: str, port: int) -> bytes:
+    """The security types a VNC server offers (1: none, 2: VNC password)."""
+    with socket.create_connection((host, port), timeout=5) as s:
+        assert s.recv(12).startswith(b"RFB 003.")
+        s.sendall(b"RFB 003.008\n")
+        count = s.recv(1)[0]
+        return s.recv(count) if count else b""
 
 
 def gone(pid: int, timeout: float = 20) -> bool:

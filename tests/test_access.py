@@ -13,10 +13,11 @@ import subprocess
 import sys
 import tempfile
 
+import psutil
 import pytest
 import requests
 
-from conftest import ROOT
+from conftest import ROOT, rfb_security_types
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,3 +50,22 @@ def test_no_public_address_without_a_token():
     shutil.rmtree(var)
     assert result.returncode != 0
     assert "api_token" in result.stderr and "0.0.0.0" in result.stderr
+
+
+def test_a_configured_vnc_password_is_set_through_qmp_only(make_worker):
+    w = make_worker("vnc_password = True\n").start()
+    uuid = w.start_vm("locked", w.image("idle"))
+    vm = w.wait_for(uuid, "running")
+    password = vm["vnc_password"]
+    assert len(password) == 8
+    host, port = vm["vnc"].rsplit(":", 1)
+    assert rfb_security_types(host, int(port)) == b"\x02"  # VNC password
+    # Never on a command line, never in a log.
+    assert not any(password in arg for arg in psutil.Process(vm["pid"]).cmdline())
+    for log in [w.var / "vms" / uuid / "qemu.log", *(w.var / "log").iterdir()]:
+        assert password not in log.read_text(errors="replace"), log
+    assert password not in w.output()
+    # The password survives a worker restart, with the VM.
+    w.stop()
+    w.start()
+    assert w.status(uuid)["vnc_password"] == password

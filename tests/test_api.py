@@ -191,3 +191,13 @@ def test_admission_refuses_a_vm_when_the_disk_is_full(make_worker):
                         hda_image=w.image("idle"))
     assert code == 503 and "disk" in body["message"]
     assert os.listdir(w.var / "vms") == []
+
+
+def test_worker_stats_report_the_supervisor_and_memory(worker):
+    resp = requests.get(worker.url + "/worker/stats", timeout=10)
+    stats = resp.json()
+    assert resp.status_code == 200 and stats["success"]
+    assert stats["pid"] == worker.proc.pid
+    assert stats["rss_bytes"] > 10 << 20
+    assert stats["supervisor"]["ticks"] > 0
+    assert stats["supervisor"]["max_tick_ms"] >= stats["supervisor"]["last_tick_ms"] >= 0

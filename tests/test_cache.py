@@ -60,15 +60,21 @@ def blobs(worker) -> set[str]:
 @pytest.mark.usefixtures("cleanup")
 def test_five_starts_of_one_uri_download_it_once(worker, http, tmp_path):
     path = publish(http.root, "idle", tmp_path, "shared.img", size=4 << 20)
-    http.slow = 0.01  # ~0.6 s per download: the starts overlap
+    http.slow = 0.02  # ~1.3 s per download: the starts overlap
     with concurrent.futures.ThreadPoolExecutor(5) as pool:
         uuids = list(pool.map(
             lambda i: worker.start_vm(f"same-{i}", http.url("shared.img")),
             range(5)))
     # While it downloads, starting reports its progress.
-    progress = [worker.status(u)["progress"] for u in uuids]
-    assert any(p and p["step"] == "fetching hda" and p["total"] == 4 << 20
-               for p in progress), progress
+    seen = []
+    deadline = time.monotonic() + 30
+    while not seen and time.monotonic() < deadline:
+        states = [worker.status(u) for u in uuids]
+        seen = [vm["progress"] for vm in states if vm["progress"]]
+        if all(vm["status"] != "starting" for vm in states):
+            break
+    assert any(p["step"] == "fetching hda" and p["total"] == 4 << 20
+               for p in seen), seen
     for u in uuids:
         worker.wait_for(u, "running")
     full = [g for g in http.gets if g[1] == 200]

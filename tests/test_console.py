@@ -13,6 +13,8 @@ import socket
 import time
 
 import pytest
+
+from conftest import rfb_security_types
 import requests
 
 from servers import free_port
@@ -127,14 +129,6 @@ class Browser:
                               timeout=10)
 
 
-
-
-def rfb_security_types(host: str, port: int) -> bytes:
-    with socket.create_connection((host, port), timeout=5) as s:
-        assert s.recv(12).startswith(b"RFB 003.")
-        s.sendall(b"RFB 003.008\n")
-        count = s.recv(1)[0]
-        return s.recv(count) if count else b""
 
 
 def test_console_exchange_sets_a_one_time_vnc_password(worker, cleanup):

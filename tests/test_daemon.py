@@ -67,7 +67,11 @@ def test_pidfile_refuses_a_live_vmworker_and_ignores_a_zombie(tmp_path):
     live = subprocess.Popen(["worker.py", "30"], executable="/bin/sleep")
     zombie = subprocess.Popen(["worker.py", "0"], executable="/bin/sleep")
     try:
-        assert daemon.is_vmworker(live.pid)
+        # Until the child has exec'd, its command line is still Python's.
+        deadline = time.monotonic() + 10
+        while not daemon.is_vmworker(live.pid):
+            assert time.monotonic() < deadline, "sleep never became worker.py"
+            time.sleep(0.01)
         path.write_text(f"{live.pid}\n")
         with pytest.raises(daemon.AlreadyRunning, match=str(live.pid)):
             daemon.PidFile(str(path)).acquire()

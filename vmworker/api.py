@@ -51,6 +51,8 @@ def describe(vm: VMRecord, service: VMService) -> dict:
         "saved": dict(vm.saved),
         "progress": None,
     }
+    if vm.vnc_password and vm.vnc:
+        out["vnc_password"] = vm.vnc_password
     progress = service.progress(vm.uuid)
     if progress is not None:
         what, done, total = progress

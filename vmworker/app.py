@@ -10,16 +10,18 @@ raised by a handler or a tool becomes the JSON envelope with its status.
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 import hmac
+import ipaddress
 import json
 import logging
 import logging.handlers
 import os
 import sys
+import threading
 from urllib.parse import quote, urlsplit
 
 import cherrypy
+import psutil
 from cherrypy.process import plugins
 
 from . import openapi
@@ -32,6 +34,7 @@ from .jobs import Jobs
 from .journal import Journal
 from .paths import VarLayout
 from .service import VMService
+from .state import FINAL
 from .supervisor import Supervisor, SupervisorPlugin
 from .webui import WebUI
 
@@ -241,8 +244,9 @@ class ServicePlugin(plugins.SimplePlugin):
 
 
 class Root:
-    def __init__(self, service: VMService, jobs: Jobs):
+    def __init__(self, service: VMService, jobs: Jobs, supervisor: Supervisor):
         self.vmachines = VMachines(service, jobs)
+        self.worker = WorkerStats(service, supervisor)
         self.webui = WebUI(service, self.vmachines)
         # / is the dashboard: the same handler, so the same access rules.
         self.index = self.webui.index
@@ -252,6 +256,33 @@ class Root:
         """/openapi.json: the API's OpenAPI 3.1 description."""
         cherrypy.response.headers["Content-Type"] = "application/json"
         return json.dumps(openapi.spec()).encode()
+
+
+class WorkerStats:
+    """/worker/stats: how the worker itself is doing (operators, benchmarks)."""
+
+    def __init__(self, service: VMService, supervisor: Supervisor):
+        self.service = service
+        self.supervisor = supervisor
+
+    @cherrypy.expose
+    def stats(self):
+        sup = self.supervisor
+        vms = self.service.vms()
+        body = {
+            "success": True, "message": "worker statistics",
+            "pid": os.getpid(),
+            "rss_bytes": psutil.Process().memory_info().rss,
+            "threads": threading.active_count(),
+            "vms": len(vms),
+            "vms_not_ended": sum(vm.status not in FINAL for vm in vms),
+            "journal_bytes": self.service.journal.size(),
+            "supervisor": {"ticks": sup.ticks,
+                           "last_tick_ms": round(sup.last_tick_seconds * 1e3, 3),
+                           "max_tick_ms": round(sup.max_tick_seconds * 1e3, 3)},
+        }
+        cherrypy.response.headers["Content-Type"] = "application/json"
+        return json.dumps(body).encode()
 
 
 def check_listen(host: str, cfg: WorkerConfig) -> None:
@@ -288,7 +319,7 @@ def build(cfg: WorkerConfig) -> VMService:
                         vnc_listen=cfg.vnc_listen,
                         vnc_display_base=cfg.vnc_display_base,
                         vnc_display_count=cfg.vnc_display_count,
-                        on_event=on_event)
+                        on_event=on_event, vnc_password=cfg.vnc_password)
     service = VMService(cfg, layout, journal, driver)
     service.load()
     cache = ImageCache(layout.images, roots=cfg.roots,
@@ -310,7 +341,7 @@ def build(cfg: WorkerConfig) -> VMService:
             "tools.encode.on": False,
         },
     }
-    root = Root(service, jobs)
+    root = Root(service, jobs, supervisor)
     app_config["/"]["tools.vmworker_access.sessions"] = root.webui.sessions
     app_config.update(root.webui.app_config())
     cherrypy.tree.mount(root, "/", app_config)

@@ -35,6 +35,9 @@ class WorkerConfig:
     #: free one up to ``vnc_display_base + vnc_display_count - 1``.
     vnc_display_base: int = 0
     vnc_display_count: int = 1000
+    #: Give each VM's VNC server a random password (set through QMP, shown
+    #: in the status answer as vnc_password, never on a command line).
+    vnc_password: bool = False
     #: ``auto`` uses KVM when /dev/kvm can be opened, else TCG.
     accel: str = "auto"
     #: The QEMU emulator and image tool run (looked up in PATH).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 
 from . import images, saving
 from .cache import ImageCache
@@ -62,9 +63,13 @@ class Jobs:
                 svc.commit(uuid, "spawned", pid=handle.pid,
                            create_time=handle.create_time)
             vnc = svc.driver.wait_ready(spec, handle, self.cfg.qemu_start_timeout)
+            password = ""
+            if self.cfg.vnc_password:
+                password = secrets.token_urlsafe(6)[:8]  # VNC uses 8 chars
+                svc.driver.set_vnc_password(uuid, paths, password)
             with svc.vm_lock(uuid):
                 self._check(uuid)
-                vm = svc.commit(uuid, "running", vnc=vnc)
+                vm = svc.commit(uuid, "running", vnc=vnc, vnc_password=password)
             log.info("VM %s: running, VNC %s", vm.label, vnc)
         except Cancelled:
             log.info("VM %s: start job stopped (VM destroyed or worker "

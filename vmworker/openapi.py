@@ -57,6 +57,8 @@ VM_STATUS = {
         "status": {"type": "string", "enum": STATUSES},
         "message": _TEXT,
         "vnc": {"type": "string", "description": "host:port, or empty"},
+        "vnc_password": {"type": "string",
+                         "description": "with vnc_password configured"},
         "cpu_count": {"type": "integer"},
         "mem_size": {"type": "integer"},
         "hda_image": _TEXT, "hdb_image": _TEXT, "cd_image": _TEXT,

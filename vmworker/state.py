@@ -90,6 +90,7 @@ class VMRecord:
     pid: int | None = None
     create_time: float | None = None
     vnc: str = ""
+    vnc_password: str = ""
     images: Mapping[str, Mapping[str, object]] = dataclasses.field(
         default_factory=dict)
     save_to: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -156,6 +157,7 @@ def _transition(vm: VMRecord, ev: Mapping[str, object]) -> VMRecord:
                  message="guest agent installing software")
     if etype == "running":
         return r(vm, status=S.RUNNING, vnc=str(ev.get("vnc", "")),
+                 vnc_password=str(ev.get("vnc_password", "")),
                  message="running")
     if etype == "start_failed":
         return r(vm, status=S.FAILED_TO_START, vnc="",

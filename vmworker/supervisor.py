@@ -33,6 +33,7 @@ class Supervisor:
         self._settled: set[str] = set()
         self.ticks = 0
         self.last_tick_seconds = 0.0
+        self.max_tick_seconds = 0.0
 
     def tick(self) -> None:
         started = time.perf_counter()
@@ -51,6 +52,7 @@ class Supervisor:
             log.error("supervisor: journal compaction failed: %s", err)
         self.ticks += 1
         self.last_tick_seconds = time.perf_counter() - started
+        self.max_tick_seconds = max(self.max_tick_seconds, self.last_tick_seconds)
 
     def _reconcile(self, vm: VMRecord) -> None:
         svc = self.service

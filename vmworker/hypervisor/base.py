@@ -101,6 +101,10 @@ class Driver(abc.ABC):
         """QEMU's run state, asked now (``query-status``)."""
 
     @abc.abstractmethod
+    def set_vnc_password(self, uuid: str, paths: VMPaths, password: str) -> None:
+        """Require ``password`` on the VM's plain VNC server."""
+
+    @abc.abstractmethod
     def open_console(self, uuid: str, paths: VMPaths, password: str,
                      lifetime: float) -> tuple[str, int] | None:
         """Let the web console in with a one-time password for ``lifetime``

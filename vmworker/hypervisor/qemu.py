@@ -43,7 +43,8 @@ def kvm_usable() -> bool:
 
 
 def command_line(spec: VMSpec, *, binary: str, accel: str, vnc_listen: str,
-                 vnc_display: int, vnc_to: int) -> list[str]:
+                 vnc_display: int, vnc_to: int,
+                 vnc_password: bool = False) -> list[str]:
     """QEMU's argv for ``spec`` (pure: easy to read and to test).
 
     Two VNC servers: ``vnc`` is the plain one whose address the API reports
@@ -56,7 +57,9 @@ def command_line(spec: VMSpec, *, binary: str, accel: str, vnc_listen: str,
     through QMP (``set_password`` with ``display=console``) after checking
     its single-use token. QEMU searches each port on its own (the websocket
     from 5700 + display: measured on QEMU 7.2), so ports are read back with
-    ``query-vnc-servers``, never computed.
+    ``query-vnc-servers``, never computed. With ``vnc_password`` the plain
+    server needs one too: the worker sets a random one per VM through QMP
+    once QEMU is up (never on the command line).
     """
     paths = spec.paths
     vnc = f"{_vnc_host(vnc_listen)}:{vnc_display},to={vnc_to}"
@@ -71,7 +74,7 @@ def command_line(spec: VMSpec, *, binary: str, accel: str, vnc_listen: str,
         "-nodefaults", "-no-user-config",
         "-vga", "std",
         "-display", "none",
-        "-vnc", f"{vnc},id={VNC_PLAIN}",
+        "-vnc", f"{vnc},id={VNC_PLAIN}" + (",password=on" if vnc_password else ""),
         "-vnc", f"{vnc},id={VNC_CONSOLE},websocket=on,password=on",
         "-no-shutdown",
         "-qmp", f"unix:{paths.qmp},server=on,wait=off",
@@ -112,7 +115,7 @@ def _vnc_host(address: str) -> str:
 class QemuDriver(Driver):
     def __init__(self, *, binary: str, accel: str, vnc_listen: str,
                  vnc_display_base: int, vnc_display_count: int,
-                 on_event: EventCallback):
+                 on_event: EventCallback, vnc_password: bool = False):
         self.binary = shutil.which(binary) or binary
         if accel == "auto":
             accel = "kvm" if kvm_usable() else "tcg"
@@ -120,6 +123,7 @@ class QemuDriver(Driver):
         self.vnc_listen = vnc_listen
         self.vnc_display_base = vnc_display_base
         self.vnc_display_count = vnc_display_count
+        self.vnc_password = vnc_password
         self.hub = QMPHub(on_event)
         self.hub.start()
         # pid -> create time of processes we spawned and must reap.
@@ -135,7 +139,8 @@ class QemuDriver(Driver):
         argv = command_line(
             spec, binary=self.binary, accel=self.accel,
             vnc_listen=self.vnc_listen, vnc_display=self.vnc_display_base,
-            vnc_to=self.vnc_display_base + self.vnc_display_count - 1)
+            vnc_to=self.vnc_display_base + self.vnc_display_count - 1,
+            vnc_password=self.vnc_password)
         for stale in (spec.paths.qmp, spec.paths.qmp_events, spec.paths.pidfile):
             _unlink(stale)
         log_fd = os.open(spec.paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND,
@@ -252,6 +257,11 @@ class QemuDriver(Driver):
 
     def vnc_address(self, uuid: str, paths: VMPaths) -> str:
         return self._vnc(self.hub.execute(uuid, paths.qmp, "query-vnc-servers"))
+
+    def set_vnc_password(self, uuid: str, paths: VMPaths, password: str) -> None:
+        self.hub.execute(uuid, paths.qmp, "set_password",
+                         {"protocol": "vnc", "password": password,
+                          "display": VNC_PLAIN})
 
     def open_console(self, uuid: str, paths: VMPaths, password: str,
                      lifetime: float) -> tuple[str, int] | None:
