@@ -187,6 +187,11 @@ def status_class(status: str) -> str:
     return "s-" + status.replace(" ", "-")
 
 
+#: Event fields never shown on a page (the status answer gives them to API
+#: callers, who hold the token).
+SECRET_FIELDS = ("vnc_password",)
+
+
 def event_details(event: dict) -> list[tuple[str, str]]:
     """The fields of a journal event worth showing, as (key, text)."""
     out = []
@@ -195,7 +200,7 @@ def event_details(event: dict) -> list[tuple[str, str]]:
         return [(k, str(record[k])) for k in ("status", "message", "halt_reason")
                 if record.get(k)]
     for key, value in event.items():
-        if key in ("type", "uuid", "ts"):
+        if key in ("type", "uuid", "ts") or key in SECRET_FIELDS:
             continue
         if key == "params" and isinstance(value, dict):
             for pkey in FIELD_ORDER + sorted(set(value) - set(FIELD_ORDER)):
