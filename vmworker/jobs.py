@@ -123,7 +123,10 @@ class Jobs:
             if svc.cancelled(uuid):
                 raise Cancelled() from err
             raise ImageError(f"{slot}_image: {err}") from err
-        svc.commit(uuid, "image_fetched", slot=slot, path=path, format=fmt,
+        # Not waited for: the "spawned" record that follows makes it durable,
+        # and a restart before that simply makes the overlay again.
+        svc.commit(uuid, "image_fetched", durable=False, slot=slot, path=path,
+                   format=fmt,
                    base=cached.path, base_format=cached.format,
                    sha256=cached.sha256, size=cached.size, uri=uri)
         return Disk(slot, path, fmt)

@@ -113,15 +113,22 @@ class VMService:
 
     # -- journal ------------------------------------------------------------
 
-    def commit(self, uuid: str, etype: str, **fields) -> VMRecord:
-        """Check, journal and apply one event; return once it is durable."""
+    def commit(self, uuid: str, etype: str, *, durable: bool = True,
+               **fields) -> VMRecord:
+        """Check, journal and apply one event; return once it is durable.
+
+        With ``durable=False`` the record is queued but not waited for: the
+        next durable commit (which follows it in the log) flushes it. For
+        steps that a restart can simply redo.
+        """
         event = {"type": etype, "uuid": uuid, "ts": time.time(), **fields}
         with self._lock:
             vm = state.apply(self._vms.get(uuid), event)
             ticket = self.journal.submit(event)
             self._vms[uuid] = vm
             self._tickets[uuid] = ticket
-        self.journal.wait(ticket)
+        if durable:
+            self.journal.wait(ticket)
         self.wakeup.set()
         return vm
 

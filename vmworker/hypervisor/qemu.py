@@ -169,17 +169,21 @@ class QemuDriver(Driver):
         return Handle(pid, create_time)
 
     def wait_ready(self, spec: VMSpec, handle: Handle, timeout: float) -> str:
-        """Connect both monitors; readiness is the first command's answer."""
+        """Open the event monitor; readiness is the first command's answer."""
         deadline = time.monotonic() + timeout
         paths = spec.paths
-        delay = 0.002
+        delay = 0.0005
         while True:
             if not self._alive(handle):
                 raise HypervisorError(_exit_message(paths))
             if os.path.exists(paths.qmp_events) and os.path.exists(paths.qmp):
                 try:
-                    self.hub.watch(spec.uuid, paths.qmp_events,
-                                   timeout=max(0.5, deadline - time.monotonic()))
+                    # Readiness is the first command's answer; asked on the
+                    # event monitor that stays open anyway (one greeting).
+                    status, vnc = self.hub.watch(
+                        spec.uuid, paths.qmp_events,
+                        [("query-status", None), ("query-vnc-servers", None)],
+                        timeout=max(0.5, deadline - time.monotonic()))
                     break
                 except HypervisorError:
                     if not self._alive(handle):
@@ -188,11 +192,7 @@ class QemuDriver(Driver):
                 raise HypervisorError(
                     f"QEMU did not open its monitor within {timeout:g} s")
             time.sleep(delay)
-            delay = min(delay * 2, 0.01)
-        status, vnc = self.hub.execute_many(
-            spec.uuid, paths.qmp,
-            [("query-status", None), ("query-vnc-servers", None)],
-            timeout=max(1.0, deadline - time.monotonic()))
+            delay = min(delay * 2, 0.002)
         self.hub.set_runstate(spec.uuid, status["status"])
         return self._vnc(vnc)
 

@@ -124,9 +124,14 @@ class QMPHub:
 
     # -- events -------------------------------------------------------------
 
-    def watch(self, uuid: str, socket_path: str, timeout: float = 10.0) -> None:
-        """Open the VM's event monitor and keep it open until it closes."""
-        self._call(self._watch(uuid, socket_path), timeout)
+    def watch(self, uuid: str, socket_path: str, commands=(),
+              timeout: float = 10.0) -> list:
+        """Open the VM's event monitor and keep it open until it closes.
+
+        ``commands`` run on that session right away: at start-up this saves
+        a second greeting on the command monitor.
+        """
+        return self._call(self._watch(uuid, socket_path, commands), timeout)
 
     def state(self, uuid: str) -> WatchState | None:
         with self._states_lock:
@@ -140,7 +145,7 @@ class QMPHub:
         with self._states_lock:
             self._states.pop(uuid, None)
 
-    async def _watch(self, uuid, socket_path):
+    async def _watch(self, uuid, socket_path, commands):
         await self._unwatch(uuid)
         client = QMPClient(f"vm-{uuid}-events")
         try:
@@ -153,6 +158,13 @@ class QMPHub:
             self._states[uuid] = WatchState()
         task = asyncio.ensure_future(self._pump(uuid, client))
         self._watches[uuid] = (client, task)
+        try:
+            return [await client.execute(command, arguments)
+                    for command, arguments in commands]
+        except ExecuteError as err:
+            raise QMPCommandError(f"QEMU refused a command: {err.error.desc}") from err
+        except (QMPError, OSError, EOFError) as err:
+            raise HypervisorError(f"QMP on VM {uuid} failed: {err}") from err
 
     async def _pump(self, uuid: str, client: QMPClient) -> None:
         """Forward events until QEMU closes the monitor (it exited)."""
