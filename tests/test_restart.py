@@ -132,3 +132,24 @@ def test_a_kill_9_while_saving_resumes_the_save_after_restart(make_worker,
         vm = w.wait_for(uuid, "stopped", timeout=60)
     assert vm["save_tries"] == {"hda": 2}
     assert guests.read_marker(uploads / "k.img") == b"saved after a kill"
+
+
+def test_sigterm_during_a_hung_download_neither_hangs_nor_fails_the_vm(
+        make_worker, tmp_path):
+    www = tmp_path / "www"
+    www.mkdir()
+    img = guests.build_guest("idle", tmp_path)
+    img.rename(www / "idle.img")
+    with FileServer(str(www), str(tmp_path)) as http:
+        http.hold.set()
+        w = make_worker("fetch_read_timeout = 30.0\n").start()
+        uuid = w.start_vm("stopped-mid-fetch", http.url("idle.img"))
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert w.stop(signal.SIGTERM, timeout=30) == 0
+        # It stopped within its grace period, not the 30 s read timeout.
+        assert time.monotonic() - started < 25
+        http.hold.clear()
+        w.start()
+        vm = w.wait_for(uuid, "running", timeout=30)
+    assert vm["status"] == "running"

@@ -68,22 +68,28 @@ class Jobs:
                 password = secrets.token_urlsafe(6)[:8]  # VNC uses 8 chars
                 svc.driver.set_vnc_password(uuid, paths, password)
             with svc.vm_lock(uuid):
-                self._check(uuid)
+                # Only a destroy stops it now: a stopping worker still
+                # records a VM that came up (within its grace period).
+                self._check(uuid, stopping=False)
                 vm = svc.commit(uuid, "running", vnc=vnc, vnc_password=password)
             log.info("VM %s: running, VNC %s", vm.label, vnc)
         except Cancelled:
             log.info("VM %s: start job stopped (VM destroyed or worker "
                      "stopping)", uuid)
-        except (ImageError, HypervisorError) as err:
-            self._fail(uuid, handle, str(err))
         except VMWorkerError as err:
+            if svc.stopping.is_set():
+                # The worker is going away: leave QEMU alone; the next
+                # worker finds it in the journal and decides.
+                log.info("VM %s: start job interrupted by the worker "
+                         "stopping: %s", uuid, err)
+                return
             self._fail(uuid, handle, str(err))
         except Exception as err:  # keep the VM's status truthful
             log.exception("VM %s: start job crashed", uuid)
             self._fail(uuid, handle, f"internal error: {err}")
 
-    def _check(self, uuid: str) -> None:
-        if self.service.cancelled(uuid):
+    def _check(self, uuid: str, stopping: bool = True) -> None:
+        if stopping and self.service.cancelled(uuid):
             raise Cancelled()
         if self.service.get(uuid).status is not Status.STARTING:
             raise Cancelled()

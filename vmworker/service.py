@@ -19,7 +19,6 @@ import shutil
 import threading
 import time
 import uuid as uuidlib
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping
 
 from . import resources, state, validation
@@ -47,8 +46,10 @@ class VMService:
         self._vm_locks: dict[str, threading.RLock] = {}
         self._jobs: set[str] = set()
         self._progress: dict[str, tuple[str, int, int | None]] = {}
-        self._pool = ThreadPoolExecutor(cfg.start_workers,
-                                        thread_name_prefix="job")
+        # Jobs run on daemon threads, at most start_workers at once: a
+        # stopping worker does not wait for a download stuck on a dead
+        # server; the journal lets the next worker resume the job.
+        self._job_slots = threading.BoundedSemaphore(cfg.start_workers)
         self.stopping = threading.Event()
         #: Set whenever something happened that the supervisor should see.
         self.wakeup = threading.Event()
@@ -262,17 +263,15 @@ class VMService:
             if uuid in self._jobs or self.stopping.is_set():
                 return False
             self._jobs.add(uuid)
-        try:
-            self._pool.submit(self._run_job, kind, uuid)
-        except RuntimeError:  # the pool is shut down: the worker is stopping
-            with self._lock:
-                self._jobs.discard(uuid)
-            return False
+        threading.Thread(target=self._run_job, args=(kind, uuid), daemon=True,
+                         name=f"{kind}-{uuid[:8]}").start()
         return True
 
     def _run_job(self, kind: str, uuid: str) -> None:
         try:
-            self._job_runner(kind, uuid)
+            with self._job_slots:
+                if not self.stopping.is_set():
+                    self._job_runner(kind, uuid)
         except Exception:
             log.exception("%s job of VM %s failed unexpectedly", kind, uuid)
         finally:
@@ -296,10 +295,21 @@ class VMService:
     def remove_folder(self, uuid: str) -> None:
         shutil.rmtree(self.layout.vm(uuid).folder, ignore_errors=True)
 
-    def shutdown(self) -> None:
-        """Stop jobs (they resume after a restart); VMs keep running."""
+    def shutdown(self, grace: float = 10.0) -> None:
+        """Stop jobs (they resume after a restart); VMs keep running.
+
+        Jobs see ``stopping`` between steps; those still busy after
+        ``grace`` seconds (a download stuck on a dead server) are left
+        behind: they cannot journal any more and stop without touching the
+        VM, which the next worker sorts out from the journal.
+        """
         self.stopping.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        deadline = time.monotonic() + grace
+        while self._jobs and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self._jobs:
+            log.warning("stopping with %d jobs still busy: %s", len(self._jobs),
+                        ", ".join(sorted(self._jobs)))
         try:
             self.driver.close()
         except HypervisorError as err:
