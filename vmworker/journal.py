@@ -56,13 +56,17 @@ def parse(data: bytes, path: str = "<bytes>") -> tuple[list[dict], int]:
     the last record) ends the prefix; a bad record followed by more bytes
     raises JournalCorrupt.
     """
-    records: list[dict] = []
+    payloads: list[bytes] = []
+    starts: list[int] = []
     offset = 0
     end = len(data)
+    view = memoryview(data)
+    unpack = HEADER.unpack_from
+    crc32 = zlib.crc32
     while offset < end:
         if end - offset < HEADER.size:
             break  # torn header
-        length, crc = HEADER.unpack_from(data, offset)
+        length, crc = unpack(data, offset)
         body_start = offset + HEADER.size
         body_end = body_start + length
         if length == 0:  # frame() never writes an empty payload
@@ -81,21 +85,44 @@ def parse(data: bytes, path: str = "<bytes>") -> tuple[list[dict], int]:
                     f"length {length} runs past the end of the file, but "
                     "whole records follow it")
             break  # torn payload
-        payload = data[body_start:body_end]
-        if zlib.crc32(payload) != crc:
+        payload = view[body_start:body_end]
+        if crc32(payload) != crc:
             if body_end == end or _only_zeros(data, body_end):
                 break  # the last record was torn mid-write
             raise JournalCorrupt(
                 f"journal {path} is corrupt at offset {offset}: checksum "
                 f"mismatch with {end - body_end} bytes after it")
+        payloads.append(payload)
+        starts.append(offset)
+        offset = body_end
+    return _decode(payloads, starts, path), offset
+
+
+def _decode(payloads: list, starts: list[int], path: str) -> list[dict]:
+    """JSON-decode checksummed payloads: one parser call for all of them
+    (several times faster than one call per record); record by record only
+    to name the one that is not JSON."""
+    try:
+        records = json.loads(b"[" + b",".join(payloads) + b"]")
+        if len(records) == len(payloads) and all(
+                isinstance(r, dict) for r in records):
+            return records
+    except ValueError:
+        pass
+    records = []
+    for payload, start in zip(payloads, starts):
         try:
-            records.append(json.loads(payload))
+            record = json.loads(bytes(payload))
         except ValueError as err:
             raise JournalCorrupt(
-                f"journal {path} is corrupt at offset {offset}: "
+                f"journal {path} is corrupt at offset {start}: "
                 f"checksummed record is not JSON ({err})") from err
-        offset = body_end
-    return records, offset
+        if not isinstance(record, dict):
+            raise JournalCorrupt(
+                f"journal {path} is corrupt at offset {start}: checksummed "
+                "record is not a JSON object")
+        records.append(record)
+    return records
 
 
 def _only_zeros(data: bytes, start: int) -> bool:

@@ -139,12 +139,14 @@ def apply(vm: VMRecord | None, event: Mapping[str, object]) -> VMRecord:
     if vm is None:
         raise KeyError(f"event {etype!r} for unknown VM {event.get('uuid')}")
     check(vm, etype)
-    return dataclasses.replace(_transition(vm, event), updated=ts)
+    return _transition(vm, event, ts)
 
 
-def _transition(vm: VMRecord, ev: Mapping[str, object]) -> VMRecord:
+def _transition(vm: VMRecord, ev: Mapping[str, object], ts: float) -> VMRecord:
     etype = ev["type"]
-    r = dataclasses.replace
+    def r(record: VMRecord, **changes) -> VMRecord:
+        # One copy per event, with its time (replay folds millions).
+        return dataclasses.replace(record, updated=ts, **changes)
     if etype == "image_fetched":
         images = dict(vm.images)
         images[str(ev["slot"])] = _image_fields(ev)
