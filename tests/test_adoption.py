@@ -69,10 +69,12 @@ def test_an_imposter_with_the_journaled_pid_is_not_adopted_or_killed(
     assert imposter.poll() is None, "the worker signalled a process not its own"
 
 
-def test_every_acknowledged_start_survives_a_kill_9(make_worker, tmp_path):
+@pytest.mark.parametrize("kill_after", [0.2, 0.5])
+def test_every_acknowledged_start_survives_a_kill_9(make_worker, tmp_path,
+                                                    kill_after):
     """200 concurrent starts (their images hang on a held HTTP server, so
-    no QEMU runs) while the worker is killed -9: every start that got a
-    200 answer is known to the restarted worker."""
+    no QEMU runs) while the worker is killed -9 after ``kill_after`` s:
+    every start that got a 200 answer is known to the restarted worker."""
     www = tmp_path / "www"
     www.mkdir()
     (www / "x.img").write_bytes(b"\0" * 512)
@@ -94,7 +96,7 @@ def test_every_acknowledged_start_survives_a_kill_9(make_worker, tmp_path):
 
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             futures = [pool.submit(start, i) for i in range(200)]
-            time.sleep(0.3)
+            time.sleep(kill_after)
             w.stop(signal.SIGKILL)
             acked = [f.result() for f in futures]
         acked = [u for u in acked if u]
