@@ -23,7 +23,6 @@ from cherrypy.lib import reprconf
 
 from vmworker import app, config, daemon
 from vmworker.errors import ConfigError, VMWorkerError
-from vmworker.paths import VarLayout
 
 #: Namespaces CherryPy accepts in [global]; any other key is a typo.
 GLOBAL_NAMESPACES = ("server", "engine", "log", "checker", "tree", "tools",
@@ -107,18 +106,12 @@ def load_config(args):
     return server, cfg
 
 
-def setup_logging(cfg, stderr) -> None:
-    app.setup_logging(VarLayout(cfg.var), cfg.log_level,
-                      log_file=cfg.log_path, max_bytes=cfg.log_max_bytes,
-                      backups=cfg.log_backups, stderr=stderr)
-
-
 def serve(args, server: dict, cfg, detached: daemon.Detached | None) -> int:
     """Build and run the worker until SIGTERM; return the exit status."""
     pidfile = daemon.PidFile(args.pidfile) if args.pidfile else None
     try:
         # A daemon shows only errors on the starter's terminal until ready.
-        setup_logging(cfg, stderr="ERROR" if detached else True)
+        app.setup_logging(cfg, stderr="ERROR" if detached else True)
         if pidfile is not None:
             pidfile.acquire()
     except (daemon.PidFileError, OSError) as err:
@@ -155,7 +148,7 @@ def run_engine(server: dict, cfg, detached: daemon.Detached | None) -> int:
         print(f"vmworker: cannot start: {err}", file=sys.stderr)
         return 1
     if detached is not None:
-        setup_logging(cfg, stderr=False)
+        app.setup_logging(cfg, stderr=False)
         detached.ready(stderr_log)
     engine.block()
     return 0

@@ -269,7 +269,7 @@ def save_row(ctx: Context) -> Row:
                             _worker_save(w, f"f{i}", image, target) * MS),
                         lambda: file_cp.append(_timed(["cp", image, copy])),
                         lambda: file_sync.append(
-                            _timed(["sh", "-c", f'cp "$1" "$2" && sync "$2"',
+                            _timed(["sh", "-c", 'cp "$1" "$2" && sync "$2"',
                                     "sh", image, copy + ".s"])),
                         lambda: http_ours.append(_worker_save(
                             w, f"h{i}", image, http.url(put)) * MS),

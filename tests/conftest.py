@@ -26,7 +26,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 sys.path.insert(0, os.path.dirname(__file__))
 
 import guests  # noqa: E402
-from servers import free_port  # noqa: E402
+from servers import FileServer, free_port  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ACCEL = os.environ.get("VMWORKER_TEST_ACCEL", "auto")
@@ -236,6 +236,17 @@ def make_worker():
     for base in dirs:
         shutil.rmtree(base, ignore_errors=True)
     assert not leaked, f"QEMU processes leaked: {leaked}"
+
+
+@pytest.fixture
+def http(tmp_path):
+    """An HTTP server on 127.0.0.1: GET serves ``http.root``, PUT stores
+    into ``http.upload_dir`` (see servers.FileServer for its knobs)."""
+    www, uploads = tmp_path / "www", tmp_path / "uploads"
+    www.mkdir()
+    uploads.mkdir()
+    with FileServer(str(www), str(uploads)) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ signalled. Acknowledged requests survive a kill -9 of the worker.
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import signal
 import subprocess
 import sys
@@ -16,7 +17,6 @@ import psutil
 import pytest
 import requests
 
-from servers import FileServer
 from vmworker.journal import frame
 
 pytestmark = pytest.mark.timeout(180)
@@ -70,40 +70,38 @@ def test_an_imposter_with_the_journaled_pid_is_not_adopted_or_killed(
 
 
 @pytest.mark.parametrize("kill_after", [0.2, 0.5])
-def test_every_acknowledged_start_survives_a_kill_9(make_worker, tmp_path,
+def test_every_acknowledged_start_survives_a_kill_9(make_worker, http,
                                                     kill_after):
     """200 concurrent starts (their images hang on a held HTTP server, so
     no QEMU runs) while the worker is killed -9 after ``kill_after`` s:
     every start that got a 200 answer is known to the restarted worker."""
-    www = tmp_path / "www"
-    www.mkdir()
-    (www / "x.img").write_bytes(b"\0" * 512)
-    with FileServer(str(www), str(tmp_path)) as http:
-        http.hold.set()
-        w = make_worker("cpu_overcommit = 1000.0\nqemu_overhead_mb = 0\n"
-                        "start_workers = 4\n").start()
-        url = http.url("x.img")
-        session = requests.Session()
+    with open(os.path.join(http.root, "x.img"), "wb") as f:
+        f.write(b"\0" * 512)
+    http.hold.set()
+    w = make_worker("cpu_overcommit = 1000.0\nqemu_overhead_mb = 0\n"
+                    "start_workers = 4\n").start()
+    url = http.url("x.img")
+    session = requests.Session()
 
-        def start(i):
-            try:
-                r = session.get(f"{w.url}/vmachines/start", timeout=10, params={
-                    "name": f"m{i}", "cpu_count": 1, "mem_size": 16,
-                    "hda_image": url})
-                return r.json()["uuid"] if r.status_code == 200 else None
-            except (requests.RequestException, ValueError):
-                return None  # no answer: it may or may not have landed
+    def start(i):
+        try:
+            r = session.get(f"{w.url}/vmachines/start", timeout=10, params={
+                "name": f"m{i}", "cpu_count": 1, "mem_size": 16,
+                "hda_image": url})
+            return r.json()["uuid"] if r.status_code == 200 else None
+        except (requests.RequestException, ValueError):
+            return None  # no answer: it may or may not have landed
 
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            futures = [pool.submit(start, i) for i in range(200)]
-            time.sleep(kill_after)
-            w.stop(signal.SIGKILL)
-            acked = [f.result() for f in futures]
-        acked = [u for u in acked if u]
-        assert acked, "the kill came before any answer; nothing was tested"
-        w.start()
-        _, body = w.call("list")
-        known = {vm["uuid"] for vm in body["vmachines"]}
-        assert set(acked) <= known
-        for vm in body["vmachines"]:
-            w.call("destroy", uuid=vm["uuid"])
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(start, i) for i in range(200)]
+        time.sleep(kill_after)
+        w.stop(signal.SIGKILL)
+        acked = [f.result() for f in futures]
+    acked = [u for u in acked if u]
+    assert acked, "the kill came before any answer; nothing was tested"
+    w.start()
+    _, body = w.call("list")
+    known = {vm["uuid"] for vm in body["vmachines"]}
+    assert set(acked) <= known
+    for vm in body["vmachines"]:
+        w.call("destroy", uuid=vm["uuid"])

@@ -20,18 +20,9 @@ import time
 import pytest
 
 import guests
-from servers import FileServer, FTPServer
+from servers import FTPServer
 
 pytestmark = [pytest.mark.timeout(180)]
-
-
-@pytest.fixture
-def http(tmp_path):
-    www, uploads = tmp_path / "www", tmp_path / "uploads"
-    www.mkdir()
-    uploads.mkdir()
-    with FileServer(str(www), str(uploads)) as server:
-        yield server
 
 
 def publish(where: str, kind: str, workdir, name: str, size: int = 1 << 20,
@@ -193,6 +184,7 @@ def test_cd_insert_and_eject_are_seen_by_qemu(worker, http, tmp_path):
     assert worker.status(uuid)["cd_image"] == str(iso)
     worker.ok("modify", uuid=uuid, cd_image="")
     assert "inserted" not in cd()
+    assert worker.status(uuid)["cd_image"] == ""
     # A CD that cannot be fetched is refused and changes nothing.
     code, body = worker.call("modify", uuid=uuid, cd_image=http.url("none.iso"))
     assert code == 400 and "404" in body["message"]

@@ -15,19 +15,9 @@ import time
 import pytest
 
 import guests
-from servers import FileServer, SilentServer, free_port
+from servers import SilentServer, free_port
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("cleanup")]
-
-
-@pytest.fixture
-def http(worker, tmp_path):
-    """An HTTP server on loopback serving tmp_path/www, storing PUTs."""
-    www, uploads = tmp_path / "www", tmp_path / "uploads"
-    www.mkdir()
-    uploads.mkdir()
-    with FileServer(str(www), str(uploads)) as server:
-        yield server
 
 
 def publish(worker, http, kind, marker=b"", name=None) -> str:
@@ -150,16 +140,13 @@ def test_modify_redirects_the_save(worker):
     assert code == 409
 
 
-def test_three_failed_tries_keep_the_image_in_failed_to_save(worker, tmp_path):
-    www, uploads = tmp_path / "w", tmp_path / "u"
-    www.mkdir()
-    uploads.mkdir()
-    with FileServer(str(www), str(uploads), fail_puts=3) as failing:
-        image = worker.image("write-then-poweroff", marker=b"keep me")
-        target = failing.url("lost.img")
-        uuid = worker.start_vm("unlucky", image, hda_save_to=target)
-        vm = worker.wait_for(uuid, "failed to save", timeout=90)
-        assert len(failing.put_attempts) == 3
+def test_three_failed_tries_keep_the_image_in_failed_to_save(worker, http):
+    http.fail_puts = 3
+    image = worker.image("write-then-poweroff", marker=b"keep me")
+    target = http.url("lost.img")
+    uuid = worker.start_vm("unlucky", image, hda_save_to=target)
+    vm = worker.wait_for(uuid, "failed to save", timeout=90)
+    assert len(http.put_attempts) == 3
     assert vm["save_tries"] == {"hda": 3}
     kept = worker.var / "failed_to_save" / f"unlucky-{uuid}"
     assert guests.read_marker(kept / "hda.raw") == b"keep me"
@@ -170,15 +157,12 @@ def test_three_failed_tries_keep_the_image_in_failed_to_save(worker, tmp_path):
     assert str(kept) in vm["message"]
 
 
-def test_two_failed_tries_then_success_is_stopped(worker, tmp_path):
-    www, uploads = tmp_path / "w", tmp_path / "u"
-    www.mkdir()
-    uploads.mkdir()
-    with FileServer(str(www), str(uploads), fail_puts=2) as flaky:
-        image = worker.image("write-then-poweroff", marker=b"third time")
-        uuid = worker.start_vm("flaky", image,
-                               hda_save_to=flaky.url("ok.img"))
-        vm = worker.wait_for(uuid, "stopped", timeout=90)
-        assert len(flaky.put_attempts) == 3
+def test_two_failed_tries_then_success_is_stopped(worker, http):
+    http.fail_puts = 2
+    image = worker.image("write-then-poweroff", marker=b"third time")
+    uuid = worker.start_vm("flaky", image, hda_save_to=http.url("ok.img"))
+    vm = worker.wait_for(uuid, "stopped", timeout=90)
+    assert len(http.put_attempts) == 3
     assert vm["save_tries"] == {"hda": 3}
-    assert guests.read_marker(uploads / "ok.img") == b"third time"
+    assert guests.read_marker(os.path.join(http.upload_dir, "ok.img")) == \
+        b"third time"

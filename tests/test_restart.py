@@ -7,6 +7,7 @@ dir, and checks the VMs: same QEMU pids, same VNC, right statuses.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -14,7 +15,6 @@ import psutil
 import pytest
 
 import guests
-from servers import FileServer
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -89,67 +89,57 @@ def test_qemu_gone_while_the_worker_is_down_is_a_crash_halt(make_worker):
     assert "QEMU exited unexpectedly" in vm["halt_reason"]
 
 
-def test_a_start_interrupted_before_qemu_runs_is_resumed(make_worker, tmp_path):
+def test_a_start_interrupted_before_qemu_runs_is_resumed(make_worker, http,
+                                                         tmp_path):
     # The worker is killed while the image download hangs: the next worker
     # resumes the start job from the journal, and the VM runs exactly once.
-    www = tmp_path / "www"
-    www.mkdir()
-    img = guests.build_guest("idle", tmp_path)
-    img.rename(www / "idle.img")
-    with FileServer(str(www), str(tmp_path)) as http:
-        http.hold.set()
-        w = make_worker().start()
-        uuid = w.start_vm("resumed", http.url("idle.img"))
-        time.sleep(0.5)
-        assert w.status(uuid)["status"] == "starting"
-        w.stop(signal.SIGKILL)
-        http.hold.clear()
-        w.start()
-        vm = w.wait_for(uuid, "running", timeout=30)
+    guests.build_guest("idle", tmp_path).rename(os.path.join(http.root, "idle.img"))
+    http.hold.set()
+    w = make_worker().start()
+    uuid = w.start_vm("resumed", http.url("idle.img"))
+    time.sleep(0.5)
+    assert w.status(uuid)["status"] == "starting"
+    w.stop(signal.SIGKILL)
+    http.hold.clear()
+    w.start()
+    vm = w.wait_for(uuid, "running", timeout=30)
     assert len(w.qemu_processes()) == 1
     assert vm["pid"] == w.qemu_processes()[0].pid
 
 
 def test_a_kill_9_while_saving_resumes_the_save_after_restart(make_worker,
-                                                              tmp_path):
+                                                              http):
     # The upload hangs, the worker is killed mid-try; the next worker
     # counts that try as spent, tries again, and the guest's data arrives.
-    www, uploads = tmp_path / "www", tmp_path / "up"
-    www.mkdir()
-    uploads.mkdir()
-    with FileServer(str(www), str(uploads)) as http:
-        w = make_worker("save_backoff = 0.1\n").start()
-        image = w.image("write-then-poweroff", marker=b"saved after a kill")
-        uuid = w.start_vm("kill-saving", image, hda_save_to=http.url("k.img"))
-        http.hold.set()
-        vm = w.wait_for(uuid, "saving", timeout=60)
-        deadline = time.monotonic() + 20
-        while not http.puts_started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        w.stop(signal.SIGKILL)
-        http.hold.clear()
-        w.start()
-        vm = w.wait_for(uuid, "stopped", timeout=60)
+    w = make_worker("save_backoff = 0.1\n").start()
+    image = w.image("write-then-poweroff", marker=b"saved after a kill")
+    uuid = w.start_vm("kill-saving", image, hda_save_to=http.url("k.img"))
+    http.hold.set()
+    vm = w.wait_for(uuid, "saving", timeout=60)
+    deadline = time.monotonic() + 20
+    while not http.puts_started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    w.stop(signal.SIGKILL)
+    http.hold.clear()
+    w.start()
+    vm = w.wait_for(uuid, "stopped", timeout=60)
     assert vm["save_tries"] == {"hda": 2}
-    assert guests.read_marker(uploads / "k.img") == b"saved after a kill"
+    assert guests.read_marker(os.path.join(http.upload_dir, "k.img")) == \
+        b"saved after a kill"
 
 
 def test_sigterm_during_a_hung_download_neither_hangs_nor_fails_the_vm(
-        make_worker, tmp_path):
-    www = tmp_path / "www"
-    www.mkdir()
-    img = guests.build_guest("idle", tmp_path)
-    img.rename(www / "idle.img")
-    with FileServer(str(www), str(tmp_path)) as http:
-        http.hold.set()
-        w = make_worker("fetch_read_timeout = 30.0\n").start()
-        uuid = w.start_vm("stopped-mid-fetch", http.url("idle.img"))
-        time.sleep(0.5)
-        started = time.monotonic()
-        assert w.stop(signal.SIGTERM, timeout=30) == 0
-        # It stopped within its grace period, not the 30 s read timeout.
-        assert time.monotonic() - started < 25
-        http.hold.clear()
-        w.start()
-        vm = w.wait_for(uuid, "running", timeout=30)
+        make_worker, http, tmp_path):
+    guests.build_guest("idle", tmp_path).rename(os.path.join(http.root, "idle.img"))
+    http.hold.set()
+    w = make_worker("fetch_read_timeout = 30.0\n").start()
+    uuid = w.start_vm("stopped-mid-fetch", http.url("idle.img"))
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert w.stop(signal.SIGTERM, timeout=30) == 0
+    # It stopped within its grace period, not the 30 s read timeout.
+    assert time.monotonic() - started < 25
+    http.hold.clear()
+    w.start()
+    vm = w.wait_for(uuid, "running", timeout=30)
     assert vm["status"] == "running"

@@ -37,8 +37,7 @@ def describe(vm: VMRecord, service: VMService) -> dict:
         "mem_size": vm.params["mem_size"],
         "hda_image": vm.params["hda_image"],
         "hdb_image": vm.params.get("hdb_image", ""),
-        "cd_image": (vm.images.get("cd", {}).get("uri")
-                     or vm.params.get("cd_image", "")),
+        "cd_image": vm.cd_image,
         "hda_save_to": vm.save_to.get("hda", ""),
         "hdb_save_to": vm.save_to.get("hdb", ""),
         "run_agent": vm.params.get("run_agent", False),

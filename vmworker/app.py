@@ -172,62 +172,39 @@ def become_subreaper() -> None:
         log.warning("cannot become a child subreaper: %s", err)
 
 
-#: What setup_logging installed: its settings and handlers (main thread only).
-_logging: dict = {"options": {}, "handlers": [], "access": None}
-
-
-def setup_logging(layout: VarLayout, level: str, **options) -> None:
+def setup_logging(cfg: WorkerConfig, stderr: bool | str = True) -> None:
     """Log to a size-rotated file (and stderr); the access log beside it.
 
-    ``options``: ``log_file`` (default ``layout.log_file``), ``max_bytes``
-    (rotation size, 0 = never), ``backups`` and ``stderr`` (True, False,
-    or the least level shown there, e.g. ``"ERROR"`` for a daemon that is
-    not ready yet). They are remembered: ``worker.py`` calls this before
-    ``build`` with the ``[worker]`` log settings, so that everything
-    ``build`` logs, replay and adoption included, already goes where
-    configured, and ``build``'s own call, which passes only the level,
-    keeps them.
+    ``stderr`` is True, False, or the least level shown there (``"ERROR"``
+    for a daemon that is not serving yet). Called again (a daemon once it
+    is ready), it replaces the handlers it installed before.
     """
-    remembered = _logging["options"]
-    remembered.update(options)
-    log_file = remembered.get("log_file") or layout.log_file
-    max_bytes = remembered.get("max_bytes", 10 << 20)
-    backups = remembered.get("backups", 5)
-    to_stderr = remembered.get("stderr", True)  # or the least level shown
-    wanted = (log_file, max_bytes, backups, to_stderr)
     root = logging.getLogger()
-    root.setLevel(level.upper())
-    if _logging.get("installed") == wanted:
-        return
-    for handler in _logging["handlers"]:
-        root.removeHandler(handler)
-        handler.close()
-    if _logging["access"] is not None:
-        cherrypy.log.access_log.removeHandler(_logging["access"])
-        _logging["access"].close()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    access_log = cherrypy.log.access_log
+    for logger in (root, access_log):
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()
+    root.setLevel(cfg.log_level.upper())
+    os.makedirs(os.path.dirname(cfg.log_path), exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.makedirs(os.path.dirname(log_file), exist_ok=True)
-    file = logging.handlers.RotatingFileHandler(
-        log_file, maxBytes=max_bytes, backupCount=backups)
-    handlers = [file]
-    if to_stderr:
-        stderr = logging.StreamHandler()
-        if isinstance(to_stderr, str):
-            stderr.setLevel(to_stderr.upper())
-        handlers.append(stderr)
+    handlers: list[logging.Handler] = [logging.handlers.RotatingFileHandler(
+        cfg.log_path, maxBytes=cfg.log_max_bytes, backupCount=cfg.log_backups)]
+    if stderr:
+        to_stderr = logging.StreamHandler()
+        if isinstance(stderr, str):
+            to_stderr.setLevel(stderr.upper())
+        handlers.append(to_stderr)
     for handler in handlers:
         handler.setFormatter(fmt)
         root.addHandler(handler)
     # CherryPy's error log propagates to ours; its access log gets a file.
     access = logging.handlers.RotatingFileHandler(
-        os.path.join(os.path.dirname(log_file), "access.log"),
-        maxBytes=max_bytes, backupCount=backups)
+        os.path.join(os.path.dirname(cfg.log_path), "access.log"),
+        maxBytes=cfg.log_max_bytes, backupCount=cfg.log_backups)
     access.setFormatter(logging.Formatter("%(message)s"))
-    cherrypy.log.access_log.addHandler(access)
-    cherrypy.log.access_log.propagate = False
-    _logging.update(installed=wanted, handlers=handlers, access=access)
+    access_log.addHandler(access)
+    access_log.propagate = False
 
 
 class ServicePlugin(plugins.SimplePlugin):
@@ -299,14 +276,17 @@ def check_listen(host: str, cfg: WorkerConfig) -> None:
 
 
 def build(cfg: WorkerConfig) -> VMService:
-    """Create everything, replay the journal, mount the app, subscribe plugins."""
+    """Create everything, replay the journal, mount the app, subscribe plugins.
+
+    Logging is set up before (``setup_logging``), so that replay and
+    adoption are logged where configured.
+    """
     cfg.check_paths()
     check_listen(cherrypy.config.get("server.socket_host", "127.0.0.1"), cfg)
     layout = VarLayout(cfg.var)
     layout.create()
     for root in cfg.roots:
         os.makedirs(root, exist_ok=True)
-    setup_logging(layout, cfg.log_level)
     become_subreaper()
     journal = Journal(layout.journal)
     service: VMService | None = None

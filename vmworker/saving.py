@@ -1,20 +1,18 @@
 """Saving a halted VM's disks to the targets the master chose.
 
-Each disk with a save target is first flattened (overlay + cached base)
-into one self-contained image in its source's format, then gets up to three
-tries, each journaled with
-its error, with a pause between tries. A file target is written under a
-temporary name, fsync'd, renamed in and its folder fsync'd, so a half
-written file never passes for a saved image; HTTP(S) targets get a streamed
-PUT (2xx required), FTP targets a STOR. If every try fails the disk is moved
-to ``VAR/failed_to_save/<name>-<uuid>/`` with a JSON sidecar: an image is
+Each disk with a save target gets up to three tries, each journaled with
+its error, with a pause between tries. A file target is written by
+``qemu-img convert`` straight from the VM's overlay and the cached base, in
+the source's format, under a temporary name, fsync'd, renamed in and its
+folder fsync'd, so a half written file never passes for a saved image.
+HTTP(S) targets get a streamed PUT (2xx required) and FTP targets a STOR of
+the flattened image. If every try fails the disk is moved to
+``VAR/failed_to_save/<name>-<uuid>/`` with a JSON sidecar: an image is
 never lost.
 """
-
 from __future__ import annotations
 
 import ftplib
-import hashlib
 import logging
 import os
 import shutil
@@ -78,26 +76,24 @@ class SaveJob:
             self._keep_failed(vm, errors)
 
     def _save(self, vm, slot: str, target: str) -> str:
-        """One try: put the disk at ``target``; return the saved sha256.
+        """One try: put the disk at ``target``.
 
         A file target is written straight from overlay + base by
         ``qemu-img convert`` (temp name, fsync, rename, fsync the folder):
-        one write of the data instead of flattening and then copying.
-        Other targets get the flattened image, made once.
+        one write of the data instead of flattening and then copying; the
+        sha256 read back from it is returned (for the journal). Other
+        targets get the flattened image, made once; their sha256 is ""
+        (the server has the bytes, not us).
         """
         cfg = self.service.cfg
-        local = validation.local_path(target, "save_to")
         image = vm.images.get(slot)
-        flat = (self.service.layout.vm(vm.uuid).flat(
-            slot, str(image.get("base_format") or image["format"]))
-            if image else "")
-        if local is not None and image and image.get("base") \
-                and not os.path.exists(flat):
+        if not image:
+            raise SaveError(f"VM has no {slot} disk to save")
+        local = validation.local_path(target, "save_to")
+        if local is not None:
             return _flatten_to_file(cfg.qemu_img_binary, image, local, cfg.roots)
-        flat = self._flat(vm, slot)
-        upload(flat, target, cfg.roots,
-               timeout=(cfg.fetch_connect_timeout, cfg.fetch_read_timeout))
-        return images.sha256_of(flat)
+        upload(self._flat(vm, slot), target, timeout=(cfg.fetch_connect_timeout, cfg.fetch_read_timeout))
+        return ""
 
     def _flat(self, vm, slot: str) -> str:
         """The disk as one self-contained image in its source's format.
@@ -108,17 +104,13 @@ class SaveJob:
         image = vm.images.get(slot)
         if not image:
             raise SaveError(f"VM has no {slot} disk to save")
-        fmt = str(image.get("base_format") or image["format"])
-        flat = self.service.layout.vm(vm.uuid).flat(slot, fmt)
-        if os.path.exists(flat):
-            return flat
-        if str(image["format"]) == fmt and not image.get("base"):
-            return str(image["path"])  # already self-contained
-        try:
-            images.flatten(self.service.cfg.qemu_img_binary, str(image["path"]),
-                           fmt, flat)
-        except ImageError as err:
-            raise SaveError(f"cannot flatten the {slot} disk: {err}") from err
+        flat = self.service.layout.vm(vm.uuid).flat(slot, _source_format(image))
+        if not os.path.exists(flat):
+            try:
+                images.flatten(self.service.cfg.qemu_img_binary,
+                               str(image["path"]), _source_format(image), flat)
+            except ImageError as err:
+                raise SaveError(f"cannot flatten the {slot} disk: {err}") from err
         return flat
 
     def _keep_failed(self, vm, errors: dict[str, list[str]]) -> None:
@@ -175,15 +167,11 @@ class SaveJob:
                         "'qemu-img rebase -u -b BASE -F FORMAT OVERLAY'"}
 
 
-def upload(path: str, target: str, roots, *, timeout) -> None:
-    """Copy one image to its target; raise SaveError with the cause."""
+def upload(path: str, target: str, *, timeout) -> None:
+    """Send one image to a remote target; raise SaveError with the cause."""
     if not os.path.isfile(path):
         raise SaveError(f"the image {path} is missing")
-    local = validation.local_path(target, "save_to")
     try:
-        if local is not None:
-            _save_file(path, local, roots)
-            return
         scheme = urlsplit(target).scheme.lower()
         if scheme in ("http", "https"):
             _save_http(path, target, timeout)
@@ -196,7 +184,7 @@ def upload(path: str, target: str, roots, *, timeout) -> None:
     except (ftplib.Error, EOFError) as err:
         raise SaveError(f"FTP STOR {target} failed: {err}") from err
     except OSError as err:
-        raise SaveError(f"writing {target} failed: {err.strerror or err}") from err
+        raise SaveError(f"sending to {target} failed: {err.strerror or err}") from err
 
 
 def _flatten_to_file(qemu_img: str, image, dest: str, roots) -> str:
@@ -207,9 +195,8 @@ def _flatten_to_file(qemu_img: str, image, dest: str, roots) -> str:
         raise SaveError(f"{dest} is outside the storage roots")
     if not os.path.exists(str(image["path"])):
         raise SaveError(f"the disk {image['path']} is missing")
-    fmt = str(image.get("base_format") or image["format"])
     try:
-        images.flatten(qemu_img, str(image["path"]), fmt, dest)
+        images.flatten(qemu_img, str(image["path"]), _source_format(image), dest)
         fsutil.fsync_dir(folder)
         # Read back what reached the disk: the sha256 the journal keeps.
         return images.sha256_of(dest)
@@ -217,30 +204,6 @@ def _flatten_to_file(qemu_img: str, image, dest: str, roots) -> str:
         raise SaveError(f"writing {dest} failed: {err}") from err
     except OSError as err:
         raise SaveError(f"writing {dest} failed: {err.strerror or err}") from err
-
-
-def _save_file(path: str, dest: str, roots) -> None:
-    folder = os.path.dirname(dest)
-    # Checked at use: the folder (or a symlink in it) may have changed.
-    if not validation.inside(folder, roots):
-        raise SaveError(f"{dest} is outside the storage roots")
-    tmp = os.path.join(folder, f".{os.path.basename(dest)}.{os.getpid()}.part")
-    try:
-        digest = hashlib.sha256()
-        with open(path, "rb") as src, open(tmp, "wb") as dst:
-            while chunk := src.read(CHUNK):
-                dst.write(chunk)
-                digest.update(chunk)
-            dst.flush()
-            os.fsync(dst.fileno())
-        # Read back what reached the disk before it takes the target's name.
-        if images.sha256_of(tmp) != digest.hexdigest():
-            raise SaveError(f"{dest}: what was written differs from the image")
-        os.replace(tmp, dest)
-        fsutil.fsync_dir(folder)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _save_http(path: str, target: str, timeout) -> None:
@@ -262,6 +225,11 @@ def _save_ftp(path: str, target: str, timeout: float) -> None:
                   unquote(parts.password or "anonymous@"))
         with open(path, "rb") as f:
             ftp.storbinary(f"STOR {unquote(parts.path)}", f, CHUNK)
+
+
+def _source_format(image) -> str:
+    """The format the VM's image came in (its disk is a qcow2 overlay)."""
+    return str(image.get("base_format") or image["format"])
 
 
 def _size(path: str) -> int | None:

@@ -97,10 +97,20 @@ class VMRecord:
     halt_reason: str = ""
     save_tries: Mapping[str, int] = dataclasses.field(default_factory=dict)
     saved: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: Whether modify ever changed the CD (an eject leaves no image).
+    cd_changed: bool = False
 
     @property
     def label(self) -> str:
         return f"{self.name!r} ({self.uuid})"
+
+    @property
+    def cd_image(self) -> str:
+        """The CD's URI now: the one asked at start, or the last change."""
+        if "cd" in self.images:
+            return str(self.images["cd"].get("uri") or
+                       self.params.get("cd_image", ""))
+        return "" if self.cd_changed else str(self.params.get("cd_image", ""))
 
     @property
     def pending_saves(self) -> tuple[str, ...]:
@@ -181,7 +191,7 @@ def _transition(vm: VMRecord, ev: Mapping[str, object], ts: float) -> VMRecord:
             images["cd"] = _image_fields(ev)
         else:
             images.pop("cd", None)
-        return r(vm, images=images)
+        return r(vm, images=images, cd_changed=True)
     if etype == "halted":
         reason = str(ev["reason"])
         halted = r(vm, vnc="", halt_reason=reason)
