@@ -117,8 +117,8 @@ def _raw_cycle(loop, raw, name: str, overlay: bool = False) -> Launched:
 #: Events the harness does not know yet are shown by name.
 EVENT_WORK = {
     "accepted": "HTTP, validation, admission",
-    "image_fetched": "fsync, job pickup, image from the cache, overlay or "
-                     "copy, probe",
+    "image_fetched": "fsync, job pickup, cache revalidation, overlay "
+                     "copied from the blob's template",
     "spawned": "posix_spawn, psutil, journal",
     "running": "wait for the QMP sockets, event monitor, `query-status`, "
                "`query-vnc`",

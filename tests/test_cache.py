@@ -48,6 +48,18 @@ def blobs(worker) -> set[str]:
     return {n[:-4] for n in os.listdir(worker.var / "images") if n.endswith(".img")}
 
 
+def templates(worker) -> set[str]:
+    return {n[:-8] for n in os.listdir(worker.var / "images")
+            if n.endswith(".overlay")}
+
+
+def own_data(image) -> list[dict]:
+    """The extents that a qcow2 image holds itself (not its backing file)."""
+    out = subprocess.run(["qemu-img", "map", "--output=json", str(image)],
+                         check=True, capture_output=True, text=True).stdout
+    return [e for e in json.loads(out) if e["depth"] == 0 and e["data"]]
+
+
 @pytest.mark.usefixtures("cleanup")
 def test_five_starts_of_one_uri_download_it_once(worker, http, tmp_path):
     path = publish(http.root, "idle", tmp_path, "shared.img", size=4 << 20)
@@ -131,6 +143,36 @@ def test_the_guest_writes_its_overlay_never_the_cache(worker):
         a.seek(4096)
         b.seek(4096)
         assert a.read() == b.read()
+
+
+@pytest.mark.usefixtures("cleanup")
+def test_each_vm_of_one_image_gets_a_fresh_overlay(worker):
+    """Overlays are copies of one template per blob: what a guest wrote
+    must reach neither the template nor the next VM of the same image."""
+    image = publish(str(worker.storage), "write-then-poweroff", worker.var.parent,
+                    "twice.img", marker=b"first guest")
+    first = str(worker.storage / "first.img")
+    uuid = worker.start_vm("first", image, hda_save_to=first)
+    worker.wait_for(uuid, "stopped", timeout=60)
+    template = worker.var / "images" / f"{sha256(image)}.overlay"
+    info = json.loads(subprocess.run(
+        ["qemu-img", "info", "--output=json", str(template)], check=True,
+        capture_output=True, text=True).stdout)
+    assert info["full-backing-filename"] == str(
+        worker.var / "images" / f"{sha256(image)}.img")
+    assert own_data(template) == []
+    # The second VM's disk is its own copy of the template, and both
+    # saved images are the source plus the marker.
+    second = str(worker.storage / "second.img")
+    uuid = worker.start_vm("second", image, hda_save_to=second)
+    worker.wait_for(uuid, "stopped", timeout=60)
+    assert own_data(template) == []
+    for saved in (first, second):
+        assert guests.read_marker(saved) == b"first guest"
+        with open(image, "rb") as a, open(saved, "rb") as b:
+            a.seek(4096)
+            b.seek(4096)
+            assert a.read() == b.read()
 
 
 @pytest.mark.usefixtures("cleanup")
@@ -233,5 +275,7 @@ def test_eviction_keeps_what_live_vms_use(make_worker, tmp_path):
     w.ok("destroy", uuid=vb)
     vc = w.start_vm("uses-c", c)
     w.wait_for(vc, "running")
-    # 3 MB do not fit in 2 MB: b (unused now) goes, a and c stay.
+    # 3 MB do not fit in 2 MB: b (unused now) goes, a and c stay, and so
+    # do their overlay templates; b's goes with its blob.
     assert blobs(w) == {sha256(a), sha256(c)}
+    assert templates(w) == {sha256(a), sha256(c)}

@@ -14,6 +14,13 @@ unchecked file under a blob's name, even after a kill. Concurrent requests
 for one URI share one download. Records are revalidated against the source
 on every use (a conditional GET for HTTP), and the least recently used blobs
 that no live VM needs are evicted past a size limit.
+
+Beside each blob that a VM booted from lies its overlay template
+(``<sha256>.overlay``): a fresh qcow2 overlay on the blob, made once by
+qemu-img. Every overlay of one blob is byte for byte the same (the blob's
+path is the backing file, and qcow2 headers carry no identity), so a VM's
+disk is a copy of the template: a file copy of a few hundred kilobytes
+instead of a qemu-img process on every start.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from typing import Callable, Iterable
@@ -67,11 +75,15 @@ class ImageCache:
         self.pinned = pinned
         self._lock = threading.Lock()
         self._flights: dict[str, _Flight] = {}
+        self._template_lock = threading.Lock()
         os.makedirs(directory, exist_ok=True)
         self._drop_partials()
 
     def blob(self, sha256: str) -> str:
         return os.path.join(self.directory, f"{sha256}.img")
+
+    def _template(self, sha256: str) -> str:
+        return os.path.join(self.directory, f"{sha256}.overlay")
 
     def _record_path(self, key: str) -> str:
         return os.path.join(self.directory, f"uri-{key}.json")
@@ -162,6 +174,40 @@ class ImageCache:
                  got.sha256[:12], got.size, info["format"])
         return _entry(blob, record)
 
+    def new_overlay(self, image: CachedImage, dest: str) -> None:
+        """Make ``dest`` a fresh qcow2 overlay on the cached ``image``.
+
+        The guest writes to the overlay only, never to the shared blob.
+        """
+        template = self._template(image.sha256)
+        if not os.path.exists(template):
+            with self._template_lock:
+                if not os.path.exists(template):
+                    self._make_template(image, template)
+        tmp = dest + ".part"
+        try:
+            shutil.copyfile(template, tmp)
+            os.replace(tmp, dest)
+        except OSError as err:
+            fsutil.unlink(tmp)
+            raise ImageError(f"cannot create the overlay {dest}: "
+                             f"{err.strerror}") from err
+
+    def _make_template(self, image: CachedImage, template: str) -> None:
+        # Durable before it is named: a torn template would be copied into
+        # every later VM of this blob.
+        tmp = template + ".part"
+        try:
+            images.run_qemu_img(self.qemu_img, [
+                "create", "-q", "-f", "qcow2", "-F", image.format,
+                "-b", image.path, tmp], timeout=120)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, template)
+        finally:
+            fsutil.unlink(tmp)
+        fsutil.fsync_dir(self.directory)
+
     # -- housekeeping -----------------------------------------------------------
 
     def _read_record(self, path: str) -> dict | None:
@@ -209,6 +255,7 @@ class ImageCache:
                 break
             if key in pinned:
                 continue
+            fsutil.unlink(self._template(key))
             fsutil.unlink(self.blob(key))  # records pointing here go stale
             total -= size
             log.info("image cache: evicted %s (%d bytes)", key, size)

@@ -5,9 +5,9 @@
 an HTTP transfer with ``Range`` when the connection drops. ``probe`` asks
 ``qemu-img info`` (under resource limits: a crafted image must not hang
 the worker) what an image is and refuses images that point at other files
-(backing file, external data file). ``create_overlay`` and ``flatten``
-make a VM's copy-on-write disk and turn it back into a self-contained
-image. The format is always passed explicitly: QEMU never guesses
+(backing file, external data file). ``flatten`` turns a VM's copy-on-write
+disk back into a self-contained image (the cache makes the overlays). The
+format is always passed explicitly: QEMU never guesses
 (CVE-2008-2004).
 
 Foreign errors (requests, ftplib, OSError, qemu-img's exit) become
@@ -282,18 +282,6 @@ def probe(path: str, qemu_img: str) -> dict:
         raise ImageError(f"image format {info.get('format')!r} is not "
                          "supported; use raw or qcow2")
     return info
-
-
-def create_overlay(qemu_img: str, base: str, base_format: str, overlay: str) -> None:
-    """A qcow2 disk that writes to itself and reads the rest from ``base``.
-
-    Creating it costs the same whatever the base's size, and the guest
-    never writes the shared cache.
-    """
-    tmp = overlay + ".part"
-    run_qemu_img(qemu_img, ["create", "-q", "-f", "qcow2", "-F", base_format,
-                            "-b", base, tmp], timeout=120)
-    os.replace(tmp, overlay)
 
 
 def flatten(qemu_img: str, overlay: str, out_format: str, dest: str) -> None:

@@ -13,7 +13,7 @@ import logging
 import os
 import secrets
 
-from . import images, saving
+from . import saving
 from .cache import ImageCache
 from .errors import HypervisorError, ImageError, VMWorkerError
 from .hypervisor.base import Disk, Handle, VMSpec
@@ -123,8 +123,7 @@ class Jobs:
                 path, fmt = cached.path, cached.format
             else:
                 path, fmt = svc.layout.vm(uuid).overlay(slot), "qcow2"
-                images.create_overlay(self.cfg.qemu_img_binary, cached.path,
-                                      cached.format, path)
+                self.cache.new_overlay(cached, path)
         except ImageError as err:
             if svc.cancelled(uuid):
                 raise Cancelled() from err
