@@ -21,7 +21,7 @@ import sys
 import cherrypy
 from cherrypy.lib import reprconf
 
-from vmworker import app, config, daemon
+from vmworker import app, config, daemon, logs
 from vmworker.errors import ConfigError, VMWorkerError
 
 #: Namespaces CherryPy accepts in [global]; any other key is a typo.
@@ -111,7 +111,7 @@ def serve(args, server: dict, cfg, detached: daemon.Detached | None) -> int:
     pidfile = daemon.PidFile(args.pidfile) if args.pidfile else None
     try:
         # A daemon shows only errors on the starter's terminal until ready.
-        app.setup_logging(cfg, stderr="ERROR" if detached else True)
+        logs.setup(cfg, stderr="ERROR" if detached else True)
         if pidfile is not None:
             pidfile.acquire()
     except (daemon.PidFileError, OSError) as err:
@@ -139,8 +139,8 @@ def run_engine(server: dict, cfg, detached: daemon.Detached | None) -> int:
     stderr_log = os.path.join(os.path.dirname(cfg.log_path), "stderr.log")
     # SIGHUP reopens the logs (CherryPy's default would re-exec us);
     # SIGTERM is CherryPy's engine exit, which leaves the VMs running.
-    engine.signal_handler.handlers["SIGHUP"] = lambda: daemon.reopen_logs(
-        stderr_log if detached else None)
+    engine.signal_handler.handlers["SIGHUP"] = lambda: logs.reopen(
+        after=(lambda: daemon.reopen_stderr(stderr_log)) if detached else None)
     engine.signal_handler.subscribe()
     try:
         engine.start()
@@ -148,7 +148,7 @@ def run_engine(server: dict, cfg, detached: daemon.Detached | None) -> int:
         print(f"vmworker: cannot start: {err}", file=sys.stderr)
         return 1
     if detached is not None:
-        app.setup_logging(cfg, stderr=False)
+        logs.setup(cfg, stderr=False)
         detached.ready(stderr_log)
     engine.block()
     return 0

@@ -14,7 +14,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import logging.handlers
 import os
 import sys
 import threading
@@ -24,7 +23,7 @@ import cherrypy
 import psutil
 from cherrypy.process import plugins
 
-from . import openapi
+from . import logs, openapi
 from .api import VMachines
 from .cache import ImageCache
 from .config import WorkerConfig
@@ -172,41 +171,6 @@ def become_subreaper() -> None:
         log.warning("cannot become a child subreaper: %s", err)
 
 
-def setup_logging(cfg: WorkerConfig, stderr: bool | str = True) -> None:
-    """Log to a size-rotated file (and stderr); the access log beside it.
-
-    ``stderr`` is True, False, or the least level shown there (``"ERROR"``
-    for a daemon that is not serving yet). Called again (a daemon once it
-    is ready), it replaces the handlers it installed before.
-    """
-    root = logging.getLogger()
-    access_log = cherrypy.log.access_log
-    for logger in (root, access_log):
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
-            handler.close()
-    root.setLevel(cfg.log_level.upper())
-    os.makedirs(os.path.dirname(cfg.log_path), exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers: list[logging.Handler] = [logging.handlers.RotatingFileHandler(
-        cfg.log_path, maxBytes=cfg.log_max_bytes, backupCount=cfg.log_backups)]
-    if stderr:
-        to_stderr = logging.StreamHandler()
-        if isinstance(stderr, str):
-            to_stderr.setLevel(stderr.upper())
-        handlers.append(to_stderr)
-    for handler in handlers:
-        handler.setFormatter(fmt)
-        root.addHandler(handler)
-    # CherryPy's error log propagates to ours; its access log gets a file.
-    access = logging.handlers.RotatingFileHandler(
-        os.path.join(os.path.dirname(cfg.log_path), "access.log"),
-        maxBytes=cfg.log_max_bytes, backupCount=cfg.log_backups)
-    access.setFormatter(logging.Formatter("%(message)s"))
-    access_log.addHandler(access)
-    access_log.propagate = False
-
-
 class ServicePlugin(plugins.SimplePlugin):
     """Stops jobs and closes the journal when the engine stops (VMs stay)."""
 
@@ -278,7 +242,7 @@ def check_listen(host: str, cfg: WorkerConfig) -> None:
 def build(cfg: WorkerConfig) -> VMService:
     """Create everything, replay the journal, mount the app, subscribe plugins.
 
-    Logging is set up before (``setup_logging``), so that replay and
+    Logging is set up before (``logs.setup``), so that replay and
     adoption are logged where configured.
     """
     cfg.check_paths()
@@ -324,5 +288,6 @@ def build(cfg: WorkerConfig) -> VMService:
     root = Root(service, jobs, supervisor)
     app_config["/"]["tools.vmworker_access.sessions"] = root.webui.sessions
     app_config.update(root.webui.app_config())
-    cherrypy.tree.mount(root, "/", app_config)
+    application = cherrypy.tree.mount(root, "/", app_config)
+    application.log = logs.AccessLog(id(application), cherrypy.log.logger_root)
     return service

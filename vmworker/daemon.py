@@ -15,9 +15,10 @@ The init script and systemd rely on three promises made here:
   daemon says it is serving, then exits 0; if the daemon fails first, the
   original exits with the daemon's status, so ``worker.py --daemon``
   succeeds only when the worker answers.
-- ``reopen_logs``: SIGHUP closes and reopens every log file, for log
-  rotation by renaming (logrotate's default ``create``). CherryPy's default
-  SIGHUP handler would re-exec the worker instead.
+- ``reopen_stderr``: on SIGHUP, after ``logs.reopen`` reopened the log
+  files, a daemon's stderr file is reopened too, for log rotation by
+  renaming (logrotate's default ``create``). CherryPy's default SIGHUP
+  handler would re-exec the worker instead.
 
 The worker names itself ``vmworker`` (``/proc/<pid>/comm``) so that the
 init script's ``start-stop-daemon --name vmworker`` and the stale check
@@ -32,7 +33,6 @@ import fcntl
 import logging
 import os
 import sys
-import threading
 
 from .errors import AlreadyRunning, PidFileError
 
@@ -291,36 +291,9 @@ def _redirect(target_fd: int, path: str | None) -> None:
 
 # -- logs ----------------------------------------------------------------------
 
-def reopen_logs(stderr_path: str | None = None) -> None:
-    """Close and reopen every log file, e.g. after logrotate renamed them.
-
-    Runs on its own thread: the SIGHUP handler runs in the main thread,
-    which may be inside a logging call holding a handler's lock.
-    """
-    def reopen():
-        handlers = set()
-        loggers = [logging.getLogger()]
-        loggers += [lg for lg in logging.Logger.manager.loggerDict.values()
-                    if isinstance(lg, logging.Logger)]
-        for lg in loggers:
-            handlers.update(h for h in lg.handlers
-                            if isinstance(h, logging.FileHandler))
-        for handler in handlers:
-            handler.acquire()
-            try:
-                if handler.stream is not None:
-                    handler.stream.close()
-                handler.stream = handler._open()
-            except OSError as err:
-                log.error("cannot reopen log file %s: %s",
-                          handler.baseFilename, err)
-            finally:
-                handler.release()
-        if stderr_path is not None:
-            try:
-                _redirect(2, stderr_path)
-            except OSError as err:
-                log.error("cannot reopen %s: %s", stderr_path, err)
-        log.info("SIGHUP: reopened %d log files", len(handlers))
-
-    threading.Thread(target=reopen, name="reopen-logs", daemon=True).start()
+def reopen_stderr(path: str) -> None:
+    """Point a daemon's stderr at ``path`` again (after a log rotation)."""
+    try:
+        _redirect(2, path)
+    except OSError as err:
+        log.error("cannot reopen %s: %s", path, err)
