@@ -317,10 +317,13 @@ def save_row(ctx: Context) -> Row:
         f"{reps} rounds after one warm-up save, all peers alternating. The "
         "guest powers off at once; the worker's time runs from its journal's "
         "`halted` event to `saved` and covers flattening overlay + base "
-        "(`qemu-img convert`), writing under a temporary name, fsync, "
-        "reading it back for the sha256 check and the rename (file target), "
-        "or the streamed PUT (HTTP target). `cp` writes to the page cache "
-        "and does not fsync.",
+        "(`qemu-img convert`, O_DIRECT and out-of-order writes where the "
+        "folder allows them) under a temporary name, fsync and the rename "
+        "(file target), or the streamed PUT (HTTP target). `cp` writes to "
+        "the page cache and does not fsync: a power cut just after it "
+        "loses the copy, which is why the worker's fair peer is `cp` + "
+        "`sync` (the worker says `saved`, and drops the VM's disk, only "
+        "once the image is on disk).",
         "Of the worker's time, `halted` → first `save_attempt` event (the "
         f"save job picked up): median {median(PICKUP):.1f} ms over "
         f"{len(PICKUP)} saves; the rest is flatten + upload + checks.",

@@ -3,8 +3,10 @@
 Each disk with a save target gets up to three tries, each journaled with
 its error, with a pause between tries. A file target is written by
 ``qemu-img convert`` straight from the VM's overlay and the cached base, in
-the source's format, under a temporary name, fsync'd, renamed in and its
-folder fsync'd, so a half written file never passes for a saved image.
+the source's format, with O_DIRECT where the folder allows it, under a
+temporary name, fsync'd, renamed in and its folder fsync'd, so a half
+written file never passes for a saved image, nor does one a power cut
+could still take back.
 HTTP(S) targets get a streamed PUT (2xx required) and FTP targets a STOR of
 the flattened image. If every try fails the disk is moved to
 ``VAR/failed_to_save/<name>-<uuid>/`` with a JSON sidecar: an image is
@@ -56,7 +58,7 @@ class SaveJob:
                 try:
                     svc.report_progress(self.uuid, f"saving {slot} (try "
                                         f"{attempt})", 0, None)
-                    digest = self._save(vm, slot, target)
+                    self._save(vm, slot, target)
                 except SaveError as err:
                     errors[slot].append(str(err))
                     svc.commit(self.uuid, "save_attempt", slot=slot,
@@ -67,23 +69,22 @@ class SaveJob:
                     if attempt < TRIES:
                         time.sleep(self.backoff * attempt)
                     continue
-                svc.commit(self.uuid, "saved", slot=slot, target=target,
-                           sha256=digest)
+                svc.commit(self.uuid, "saved", slot=slot, target=target)
                 log.info("VM %s: %s saved to %s", vm.label, slot, target)
                 break
         vm = svc.get(self.uuid)
         if vm.pending_saves:
             self._keep_failed(vm, errors)
 
-    def _save(self, vm, slot: str, target: str) -> str:
+    def _save(self, vm, slot: str, target: str) -> None:
         """One try: put the disk at ``target``.
 
         A file target is written straight from overlay + base by
         ``qemu-img convert`` (temp name, fsync, rename, fsync the folder):
-        one write of the data instead of flattening and then copying; the
-        sha256 read back from it is returned (for the journal). Other
-        targets get the flattened image, made once; their sha256 is ""
-        (the server has the bytes, not us).
+        one write of the data instead of flattening and then copying. It
+        is not read back: that would read the page cache, not the disk,
+        and cost more than the write (issue 7's save row). Other targets
+        get the flattened image, made once.
         """
         cfg = self.service.cfg
         image = vm.images.get(slot)
@@ -91,9 +92,10 @@ class SaveJob:
             raise SaveError(f"VM has no {slot} disk to save")
         local = validation.local_path(target, "save_to")
         if local is not None:
-            return _flatten_to_file(cfg.qemu_img_binary, image, local, cfg.roots)
-        upload(self._flat(vm, slot), target, timeout=(cfg.fetch_connect_timeout, cfg.fetch_read_timeout))
-        return ""
+            _flatten_to_file(cfg.qemu_img_binary, image, local, cfg.roots)
+        else:
+            upload(self._flat(vm, slot), target,
+                   timeout=(cfg.fetch_connect_timeout, cfg.fetch_read_timeout))
 
     def _flat(self, vm, slot: str) -> str:
         """The disk as one self-contained image in its source's format.
@@ -187,8 +189,8 @@ def upload(path: str, target: str, *, timeout) -> None:
         raise SaveError(f"sending to {target} failed: {err.strerror or err}") from err
 
 
-def _flatten_to_file(qemu_img: str, image, dest: str, roots) -> str:
-    """Flatten a VM's overlay straight into a file target; its sha256."""
+def _flatten_to_file(qemu_img: str, image, dest: str, roots) -> None:
+    """Flatten a VM's overlay straight into a file target, durably."""
     folder = os.path.dirname(dest)
     # Checked at use: the folder (or a symlink in it) may have changed.
     if not validation.inside(folder, roots):
@@ -196,10 +198,9 @@ def _flatten_to_file(qemu_img: str, image, dest: str, roots) -> str:
     if not os.path.exists(str(image["path"])):
         raise SaveError(f"the disk {image['path']} is missing")
     try:
-        images.flatten(qemu_img, str(image["path"]), _source_format(image), dest)
+        images.flatten(qemu_img, str(image["path"]), _source_format(image),
+                       dest, direct=fsutil.supports_direct_io(folder))
         fsutil.fsync_dir(folder)
-        # Read back what reached the disk: the sha256 the journal keeps.
-        return images.sha256_of(dest)
     except ImageError as err:
         raise SaveError(f"writing {dest} failed: {err}") from err
     except OSError as err:
