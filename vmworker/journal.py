@@ -68,7 +68,7 @@ def parse(data: bytes, path: str = "<bytes>") -> tuple[list[dict], int]:
     size = HEADER.size
     # The loop runs once per record (10^6 at start-up for a big journal):
     # the common case is kept to a few operations, the rare ones below.
-    with _collector_paused():
+    with paused_gc():
         while offset <= end - size:
             length, crc = unpack(data, offset)
             body_end = offset + size + length
@@ -108,12 +108,13 @@ def _check_bad_frame(data: bytes, offset: int, length: int, path: str) -> None:
 
 
 @contextlib.contextmanager
-def _collector_paused():
+def paused_gc():
     """Pause Python's cyclic GC while a replay builds 10^6 objects.
 
     Each allocation burst would trigger a collection that walks every
-    object made so far: about a third of a large replay's time. Records
-    hold no cycles; the collector runs again afterwards.
+    object made so far: about a third of a large replay's time, and of
+    folding it into VM records. Neither makes cycles; the collector runs
+    again afterwards.
     """
     enabled = gc.isenabled()
     gc.disable()

@@ -25,7 +25,7 @@ from . import resources, state, validation
 from .config import WorkerConfig
 from .errors import HypervisorError, NameTaken, UnknownVM, UuidConflict
 from .hypervisor.base import Disk, Driver, Handle
-from .journal import Journal
+from .journal import Journal, paused_gc
 from .paths import VarLayout
 from .state import FINAL, Status, VMRecord
 
@@ -60,12 +60,14 @@ class VMService:
     def load(self) -> None:
         """Replay the journal into memory (the worker's start-up)."""
         vms: dict[str, VMRecord] = {}
-        for record in self.journal.replay():
-            uuid = str(record.get("uuid"))
-            try:
-                vms[uuid] = state.apply(vms.get(uuid), record)
-            except (KeyError, ValueError, TypeError, state.WrongState) as err:
-                log.error("journal: skipping record %r: %s", record, err)
+        records = self.journal.replay()
+        with paused_gc():
+            for record in records:
+                uuid = str(record.get("uuid"))
+                try:
+                    vms[uuid] = state.apply(vms.get(uuid), record)
+                except (KeyError, ValueError, TypeError, state.WrongState) as err:
+                    log.error("journal: skipping record %r: %s", record, err)
         with self._lock:
             self._vms = vms
         log.info("loaded %d VMs (%d not ended)", len(vms),
