@@ -57,7 +57,8 @@ def journal_row(ctx: Context) -> Row:
         f"replay of {records:,} records (`Journal.replay`)", "s", replay,
         target=Target("value", "<=", limit, f"< {limit:g} s{scaled}")))
     row.measures.append(Measure(
-        "… then folding them into VM records (`state.fold`, GC paused as at start-up)", "s", fold,
+        "… then folding them into VM records (`state.fold`, GC paused as "
+        "at start-up)", "s", fold,
         note="informational: the rest of the worker's start-up"))
     shutil.rmtree(scratch, ignore_errors=True)
     row.notes += [
