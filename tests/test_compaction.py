@@ -131,6 +131,12 @@ def test_the_worker_compacts_and_keeps_live_vms_across_a_restart(make_worker):
         time.sleep(0.1)
     code, _ = w.call("status", uuid=ended)
     assert code == 404  # ended and past retention: dropped
+    # Nothing of the dropped VM stays in the worker's per-VM tables: each
+    # holds at most the one VM still in memory (a daemon runs for months).
+    stats = w.session.get(f"{w.url}/worker/stats", timeout=10).json()
+    assert stats["vms"] == 1
+    assert stats["bookkeeping"] and all(
+        n <= 1 for n in stats["bookkeeping"].values()), stats["bookkeeping"]
     w.stop(signal.SIGKILL)
     w.start()
     vm = w.status(live)

@@ -221,6 +221,10 @@ class WorkerStats:
             "supervisor": {"ticks": sup.ticks,
                            "last_tick_ms": round(sup.last_tick_seconds * 1e3, 3),
                            "max_tick_ms": round(sup.max_tick_seconds * 1e3, 3)},
+            # Entries of the per-VM tables: bounded by the VMs in memory.
+            "bookkeeping": {"vm_locks": self.service.lock_count(),
+                            "supervisor_settled": sup.settled_count(),
+                            **self.service.driver.bookkeeping()},
         }
         cherrypy.response.headers["Content-Type"] = "application/json"
         return json.dumps(body).encode()

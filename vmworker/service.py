@@ -110,6 +110,10 @@ class VMService:
                     if vm.status not in FINAL
                     for image in vm.images.values() if image.get("sha256")}
 
+    def lock_count(self) -> int:
+        with self._lock:
+            return len(self._vm_locks)
+
     def vm_lock(self, uuid: str) -> threading.RLock:
         with self._lock:
             return self._vm_locks.setdefault(uuid, threading.RLock())
@@ -157,6 +161,8 @@ class VMService:
             dropped = len(self._vms) - len(keep)
             self._vms = keep
             self._tickets = {}
+            self._vm_locks = {uuid: lock for uuid, lock
+                              in self._vm_locks.items() if uuid in keep}
         log.info("journal compacted: %d -> %d bytes, %d VMs kept, %d dropped",
                  before, self.journal.size(), len(keep), dropped)
         return True

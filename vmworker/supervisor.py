@@ -35,6 +35,9 @@ class Supervisor:
         self.last_tick_seconds = 0.0
         self.max_tick_seconds = 0.0
 
+    def settled_count(self) -> int:
+        return len(self._settled)
+
     def tick(self) -> None:
         started = time.perf_counter()
         for vm in self.service.vms():
@@ -47,7 +50,9 @@ class Supervisor:
             except Exception:
                 log.exception("supervisor: VM %s: unexpected error", vm.label)
         try:
-            self.service.compact_if_needed()
+            if self.service.compact_if_needed():
+                # VMs that compaction dropped are settled for good.
+                self._settled &= {vm.uuid for vm in self.service.vms()}
         except VMWorkerError as err:
             log.error("supervisor: journal compaction failed: %s", err)
         self.ticks += 1
@@ -112,7 +117,7 @@ class Supervisor:
             svc.commit(uuid, "resumed")
         elif action.kind is Kind.CLEAN_UP:
             svc.remove_folder(uuid)
-            svc.driver.forget(uuid)
+            svc.driver.forget(uuid, _handle(vm))
             self._settled.add(uuid)
 
 

@@ -124,8 +124,14 @@ class Driver(abc.ABC):
         """Kill the process at once (if it is this VM's) and reap it."""
 
     @abc.abstractmethod
-    def forget(self, uuid: str) -> None:
-        """Drop the VM's monitors and what they reported (the VM ended)."""
+    def forget(self, uuid: str, handle: Handle | None) -> None:
+        """Drop the VM's monitors and what they and its exit reported (the
+        VM ended and was cleaned up)."""
+
+    def bookkeeping(self) -> dict[str, int]:
+        """How many entries each per-VM table of the driver holds (for
+        /worker/stats: they must shrink again as VMs end)."""
+        return {}
 
     @abc.abstractmethod
     def close(self) -> None:

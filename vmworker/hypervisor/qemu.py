@@ -130,7 +130,9 @@ class QemuDriver(Driver):
         self._children: dict[int, float] = {}
         self._children_lock = threading.Lock()
         # pid -> how a reaped child ended, for halt reasons.
-        self._exits: dict[int, str] = {}
+        #: pid -> (create time, how it exited) of reaped children, until
+        #: the VM is forgotten.
+        self._exits: dict[int, tuple[float, str]] = {}
         log.info("QEMU driver: %s, accel=%s", self.binary, self.accel)
 
     # -- life cycle ---------------------------------------------------------
@@ -227,8 +229,23 @@ class QemuDriver(Driver):
     def attached(self, uuid: str) -> bool:
         return self.hub.state(uuid) is not None
 
-    def forget(self, uuid: str) -> None:
+    def forget(self, uuid: str, handle: Handle | None) -> None:
         self.hub.forget(uuid)
+        if handle is not None:
+            with self._children_lock:
+                if self._exits.get(handle.pid, (None,))[0] == handle.create_time:
+                    del self._exits[handle.pid]
+
+    def bookkeeping(self) -> dict[str, int]:
+        with self._children_lock:
+            out = {"qemu_children": len(self._children),
+                   "qemu_exits": len(self._exits)}
+        return {**out, **self.hub.bookkeeping()}
+
+    def _exit_detail(self, handle: Handle) -> str:
+        created, detail = self._exits.get(handle.pid, (None, ""))
+        # A pid is reused: only this process's own exit counts.
+        return detail if created == handle.create_time else ""
 
     def observe(self, uuid: str, handle: Handle | None) -> Observation:
         if handle is None:
@@ -253,10 +270,10 @@ class QemuDriver(Driver):
             self._reap(handle.pid, wait=0.5)
         if state is None:
             return Observation(alive=alive,
-                               exit_detail=self._exits.get(handle.pid, ""))
+                               exit_detail=self._exit_detail(handle))
         return Observation(alive=False, runstate=state.runstate,
                            guest_shutdown=state.guest_shutdown,
-                           exit_detail=self._exits.get(handle.pid, ""))
+                           exit_detail=self._exit_detail(handle))
 
     def vnc_address(self, uuid: str, paths: VMPaths) -> str:
         return self._vnc(self.hub.execute(uuid, paths.qmp, "query-vnc-servers"))
@@ -383,8 +400,8 @@ class QemuDriver(Driver):
                 except InterruptedError:
                     done = 0
                 if done == pid:
-                    del self._children[pid]
-                    self._exits[pid] = _describe_exit(status)
+                    created = self._children.pop(pid)
+                    self._exits[pid] = (created, _describe_exit(status))
                     return
             if time.monotonic() >= deadline:
                 return

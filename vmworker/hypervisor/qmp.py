@@ -138,12 +138,24 @@ class QMPHub:
             state = self._states.get(uuid)
             return dataclasses.replace(state) if state else None
 
+    def bookkeeping(self) -> dict[str, int]:
+        with self._states_lock:
+            states = len(self._states)
+        # Read from another thread: len() of a dict is atomic in CPython.
+        return {"qmp_watches": len(self._watches),
+                "qmp_command_locks": len(self._locks), "qmp_states": states}
+
     def forget(self, uuid: str) -> None:
         """Close the VM's event session and drop what it reported."""
         if self._thread.is_alive():
             self._call(self._unwatch(uuid), 10)
+            self._call(self._drop_lock(uuid), 10)
         with self._states_lock:
             self._states.pop(uuid, None)
+
+    async def _drop_lock(self, uuid):
+        # On the loop's thread, like every other use of the command locks.
+        self._locks.pop(uuid, None)
 
     async def _watch(self, uuid, socket_path, commands):
         await self._unwatch(uuid)
