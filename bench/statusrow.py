@@ -41,7 +41,7 @@ def status_row(ctx: Context) -> Row:
         from .supervisorrow import sample_stats
         stats = {"idle": sample_stats(w, ctx.pick(2.5, 4))}
         uuids = start_many(w, vms)
-        settled = settle()
+        settled = settle(limit=ctx.pick(20, 150))
         stats["loaded"] = sample_stats(w, ctx.pick(3, 6))
         ctx.shared["worker_stats"] = stats
         body = w.session.get(f"{w.url}/vmachines/status",
