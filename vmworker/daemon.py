@@ -1,4 +1,4 @@
-"""Running the worker as a system service: pidfile, detaching, log reopening.
+"""Running the worker as a system service: pidfile, detaching, stderr reopening.
 
 The init script and systemd rely on three promises made here:
 
