@@ -79,3 +79,19 @@ def test_a_client_cannot_forge_an_access_line(worker):
         r'"GET /vmachines/list HTTP/1\.1" 200 \d+ "" "(.*)"', forged)
     assert forged.endswith(f'"{cherrypy_escape(agent)}"')
     assert '"GET /vmachines/list HTTP/1.1" 200' in normal
+
+
+def test_an_access_file_the_operator_configured_gets_the_lines_too(make_worker,
+                                                                  tmp_path):
+    """CherryPy's own ``log.access_file`` in [global] still works beside
+    the worker's access.log: the same line reaches both."""
+    w = make_worker()
+    extra = tmp_path / "extra-access.log"
+    w.config.write_text(w.config.read_text()
+                        + f'[global]\nlog.access_file = "{extra}"\n')
+    w.start()
+    w.ok("list")
+    ours = (w.var / "log" / "access.log").read_text().splitlines()
+    theirs = extra.read_text().splitlines()
+    assert ours and ours[-1] in theirs
+    assert '"GET /vmachines/list HTTP/1.1" 200' in ours[-1]

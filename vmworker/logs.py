@@ -74,9 +74,17 @@ class AccessLog(_cplogging.LogManager):
             dict.get(response.headers, "Content-Length", "") or "-",
             _clean(dict.get(headers, "Referer", "")),
             _clean(dict.get(headers, "User-Agent", "")))
+        record = None
         for handler in cherrypy.log.access_log.handlers:
             if isinstance(handler, AccessFile):
                 handler.write_line(line)
+            elif not isinstance(handler, logging.NullHandler):
+                # One an operator added (``log.access_file``, ``log.screen``).
+                if record is None:
+                    record = self.access_log.makeRecord(
+                        self.access_log.name, logging.INFO, "", 0, line,
+                        None, None)
+                handler.handle(record)
 
 
 def _clean(value) -> str:
