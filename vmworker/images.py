@@ -34,6 +34,8 @@ from . import validation
 from .errors import ImageError
 
 CHUNK = 1 << 20
+# Bytes a local copy hands to the kernel at a time (between progress reports).
+COPY_STEP = 64 << 20
 # Bytes read from a response at a time: on a dropped connection at most
 # this much is lost before resuming.
 HTTP_CHUNK = 1 << 16
@@ -165,20 +167,77 @@ class _HashedFile:
         self.file.close()
 
 
+class _FileDigest:
+    """The sha256 of an open file, read with pread on a thread of its own
+    (the file offset is left alone, for sendfile)."""
+
+    def __init__(self, fd: int, size: int):
+        self._digest = hashlib.sha256()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(fd, size),
+                                        name="sha256", daemon=True)
+        self._error: OSError | None = None
+        self._thread.start()
+
+    def _run(self, fd: int, size: int) -> None:
+        offset = 0
+        try:
+            while offset < size and not self._stop.is_set():
+                chunk = os.pread(fd, CHUNK, offset)
+                if not chunk:
+                    break
+                self._digest.update(chunk)
+                offset += len(chunk)
+        except OSError as err:
+            self._error = err
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._digest.hexdigest()
+
+
 def _copy_local(path: str, dest: str, progress: Progress,
                 known: Validator | None) -> Downloaded:
-    st = os.stat(path)
-    validator = Validator(size=st.st_size, mtime_ns=st.st_mtime_ns)
-    if known is not None and known == validator:
-        raise NotModified()
-    progress(0, st.st_size)
-    with open(path, "rb") as src, _HashedFile(dest) as dst:
-        while chunk := src.read(CHUNK):
-            dst.write(chunk)
-            progress(dst.size, st.st_size)
-        sha256 = dst.finish()
-        done = dst.size
-    if done != st.st_size:
+    """Copy a file of the storage roots into the cache, and hash it.
+
+    The kernel copies (sendfile: no byte passes through Python) while a
+    thread hashes the same open file: hashing is as slow as the copy, and
+    in line it doubled a cold start (1 GB: 2.2 s, now 1.2 s, against 0.8 s
+    for ``cp`` + ``sync``). The file must not change meanwhile: its size
+    and mtime are compared before and after.
+    """
+    with open(path, "rb") as src:
+        before = os.fstat(src.fileno())
+        size = before.st_size
+        validator = Validator(size=size, mtime_ns=before.st_mtime_ns)
+        if known is not None and known == validator:
+            raise NotModified()
+        digest = _FileDigest(src.fileno(), size)
+        done = 0
+        try:
+            progress(0, size)
+            with open(dest, "wb") as dst:
+                while done < size:
+                    sent = os.sendfile(dst.fileno(), src.fileno(), done,
+                                       min(COPY_STEP, size - done))
+                    if sent == 0:
+                        break  # the file shrank
+                    done += sent
+                    progress(done, size)
+                os.fsync(dst.fileno())
+        except BaseException:
+            digest.cancel()
+            raise
+        sha256 = digest.result()
+        after = os.fstat(src.fileno())
+    if done != size or (after.st_size, after.st_mtime_ns) != (
+            size, before.st_mtime_ns):
         raise ImageError(f"{path} changed while it was copied")
     return Downloaded(done, sha256, validator)
 
