@@ -82,12 +82,20 @@ def badge(row):
 
 # -- the main flow ------------------------------------------------------------------
 
+def storage_suggestions(page) -> list[str]:
+    return page.locator("#storage-images option").evaluate_all(
+        "els => els.map(e => e.value)")
+
+
 def test_dashboard_start_console_suspend_resume_destroy(worker, page, cleanup):
     ARTIFACTS.mkdir(exist_ok=True)
     image = worker.image("idle", name="web-ui.img")
     page.goto(worker.url + "/")
     expect(page.locator("#capacity .cap")).to_have_count(3)
     no_reload_marker(page)
+
+    # The image fields suggest what the storage roots hold.
+    assert image in storage_suggestions(page)
 
     form = page.locator("#start-form")
     form.locator("input[name=name]").fill("ui-web-1")
@@ -147,10 +155,12 @@ def test_dashboard_start_console_suspend_resume_destroy(worker, page, cleanup):
 
 
 def test_vm_page_shows_the_timeline_and_follows_it(worker, page, cleanup):
-    uuid = worker.start_vm("ui-timeline", worker.image("idle"))
+    image = worker.image("idle")
+    uuid = worker.start_vm("ui-timeline", image)
     worker.wait_for(uuid, "running")
     worker.ok("suspend", uuid=uuid)
     page.goto(f"{worker.url}/webui/vm/{uuid}")
+    assert image in storage_suggestions(page)
     timeline = page.locator("#timeline li")
     types = [t for t in timeline.evaluate_all("els => els.map(e => e.dataset.type)")]
     assert types[0] == "accepted" and "spawned" in types
