@@ -17,13 +17,13 @@ import json
 import os
 import shutil
 import sqlite3
-import threading
 import time
 import uuid as uuidlib
 
 from vmworker import state
 from vmworker.journal import Journal, frame, paused_gc
 
+from . import timed
 from .context import Context
 from .results import Measure, Row, Target
 
@@ -82,30 +82,11 @@ def _event(uuid: str) -> dict:
 def _run_threads(writers: int, seconds: float, body) -> float:
     """Run ``body(stop_at) -> count`` on ``writers`` threads; return rate."""
     counts = [0] * writers
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(writers + 1)
-    stop_at: list[float] = []
 
-    def run(k: int) -> None:
-        try:
-            barrier.wait(30)
-            counts[k] = body(stop_at[0])
-        except BaseException as err:  # noqa: BLE001 - re-raised below
-            errors.append(err)
+    def count(k: int, stop_at: float) -> None:
+        counts[k] = body(stop_at)
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(writers)]
-    for t in threads:
-        t.start()
-    began = time.perf_counter()
-    stop_at.append(began + seconds)
-    barrier.wait(30)
-    for t in threads:
-        t.join(seconds + 60)
-    elapsed = time.perf_counter() - began
-    if errors:
-        raise RuntimeError(f"writer failed: {errors[0]!r}") from errors[0]
-    if any(t.is_alive() for t in threads):
-        raise RuntimeError("a writer did not finish in time")
+    elapsed = timed.run_for(writers, seconds, count)
     return sum(counts) / elapsed
 
 

@@ -14,11 +14,11 @@ import os
 import re
 import shutil
 import subprocess
-import threading
 import time
 
 import requests
 
+from . import timed
 from .procs import CHILDREN
 from .results import percentile
 
@@ -105,14 +105,11 @@ def _parse_wrk(out: str) -> LoadResult:
 def _python(url, paths, connections, seconds) -> LoadResult:
     latencies: list[list[float]] = [[] for _ in range(connections)]
     errors = [0] * connections
-    start = threading.Barrier(connections + 1)
-    stop_at: list[float] = []
 
-    def client(k: int) -> None:
+    def client(k: int, stop_at: float) -> None:
         with requests.Session() as s:
-            start.wait(30)
             i = k
-            while time.perf_counter() < stop_at[0]:
+            while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
                 try:
                     resp = s.get(url + paths[i % len(paths)], timeout=5)
@@ -123,16 +120,7 @@ def _python(url, paths, connections, seconds) -> LoadResult:
                 errors[k] += not ok
                 i += 1
 
-    threads = [threading.Thread(target=client, args=(k,), daemon=True)
-               for k in range(connections)]
-    for t in threads:
-        t.start()
-    began = time.perf_counter()
-    stop_at.append(began + seconds)
-    start.wait(30)
-    for t in threads:
-        t.join(seconds + 10)
-    elapsed = time.perf_counter() - began
+    elapsed = timed.run_for(connections, seconds, client, grace=10)
     flat = [x for per in latencies for x in per]
     return LoadResult(len(flat) / elapsed, percentile(flat, 50),
                       percentile(flat, 99), len(flat), sum(errors))

@@ -233,7 +233,8 @@ class QemuDriver(Driver):
         self.hub.forget(uuid)
         if handle is not None:
             with self._children_lock:
-                if self._exits.get(handle.pid, (None,))[0] == handle.create_time:
+                exited = self._exits.get(handle.pid)
+                if exited is not None and exited[0] == handle.create_time:
                     del self._exits[handle.pid]
 
     def bookkeeping(self) -> dict[str, int]:
